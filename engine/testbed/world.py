@@ -1,0 +1,523 @@
+"""The testbed's procedural concept world: seeded 64x64 RGB renders of styles, objects and personal instances.
+
+Everything mima measures on the testbed is grounded here. Concepts:
+
+- **styles** (stand-ins for artists): texture families recognisable by their pattern and stroke. Palettes are
+  drawn from one shared distribution for every style, so colour alone never identifies a style.
+  Prompt: ``"an artwork of {style}"``.
+- **objects** (stand-ins for object classes): silhouettes with random position, scale, rotation, colour and
+  background. Prompt: ``"a photo of a {object}"``.
+- **compositions**: an object drawn in a style (textured background, the silhouette filled with the same
+  texture in a contrasting palette, outlined). Prompt: ``"a photo of a {object}, artwork of {style}"``.
+- **personal instances** (stand-ins for CustomConcept101 subjects): one specific object with one specific look
+  (colour, pattern, detail). The base model is never trained on them. Prompt: ``"a photo of {token} {object}"``.
+- **class prompts** for regularisation: ``"artwork"`` (generic smooth abstract art, none of the styles),
+  ``"object"`` (generic blobs, none of the objects) and each object's own prompt.
+
+Every image is a pure function of ``(item, seed)``: :func:`render` draws from ``numpy.random.default_rng(seed)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+_SS = 4  # supersampling factor for silhouettes (anti-aliasing)
+
+STYLES: tuple[str, ...] = (
+    "strieker",  # straight parallel stripes
+    "pointelle",  # polka dots on a grid
+    "checkov",  # rotated checkerboard
+    "wavell",  # wavy sinusoidal bands
+    "ringo",  # concentric rings around an off-centre point
+    "hatcher",  # thin crosshatched lines
+    "cellini",  # Voronoi cells with dark borders
+    "zigler",  # zigzag chevrons
+)
+OBJECTS: tuple[str, ...] = ("star", "heart", "moon", "cross", "arrow", "house", "tree", "fish")
+
+
+@dataclass(frozen=True)
+class Personal:
+    """A personal instance: one specific object with a fixed look."""
+
+    name: str
+    object: str
+    body: tuple[int, int, int]
+    pattern: str  # "dots" | "stripes" | "band" | "spots" | "plain" | "checks"
+    accent: tuple[int, int, int]
+    detail: str  # "eye" | "center" | "door" | "outline" | "corner" | "halo"
+    description: str
+
+
+PERSONAL: tuple[Personal, ...] = (
+    Personal("redstar", "star", (220, 40, 40), "dots", (250, 230, 60), "center", "red star, yellow dots, white centre"),
+    Personal("blueheart", "heart", (40, 80, 220), "stripes", (245, 245, 245), "outline", "blue heart, white stripes, black outline"),
+    Personal("greenfish", "fish", (40, 170, 70), "spots", (255, 140, 0), "eye", "green fish, orange spots, big eye"),
+    Personal("purplehouse", "house", (130, 50, 170), "plain", (250, 220, 40), "door", "purple house, yellow door"),
+    Personal("orangemoon", "moon", (250, 140, 20), "spots", (60, 30, 10), "halo", "orange moon, dark craters, white halo"),
+    Personal("tealcross", "cross", (20, 170, 170), "checks", (230, 40, 170), "center", "teal cross, magenta checks, white centre"),
+)
+PERSONAL_BY_NAME = {p.name: p for p in PERSONAL}
+
+CLASS_PROMPTS = {"artwork": "artwork", "object": "object"}
+
+
+def style_prompt(style: str) -> str:
+    return f"an artwork of {style}"
+
+
+def object_prompt(obj: str) -> str:
+    return f"a photo of a {obj}"
+
+
+def composition_prompt(obj: str, style: str) -> str:
+    return f"a photo of a {obj}, artwork of {style}"
+
+
+def personal_prompt(token: str, obj: str) -> str:
+    return f"a photo of {token} {obj}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """What one image shows. ``generic`` is "artwork" or "object" for class-prompt images."""
+
+    style: str | None = None
+    object: str | None = None
+    personal: str | None = None
+    generic: str | None = None
+
+    def prompt(self, token: str | None = None) -> str:
+        if self.generic is not None:
+            return CLASS_PROMPTS[self.generic]
+        if self.personal is not None:
+            p = PERSONAL_BY_NAME[self.personal]
+            return personal_prompt(token or p.name, p.object)
+        if self.style and self.object:
+            return composition_prompt(self.object, self.style)
+        if self.style:
+            return style_prompt(self.style)
+        if self.object:
+            return object_prompt(self.object)
+        raise ValueError("empty item")
+
+    def labels(self) -> tuple[int, int, int]:
+        """Judge labels (style, object, personal); the last index of each head means "none"."""
+        s = STYLES.index(self.style) if self.style else len(STYLES)
+        if self.personal:
+            o = OBJECTS.index(PERSONAL_BY_NAME[self.personal].object)
+        else:
+            o = OBJECTS.index(self.object) if self.object else len(OBJECTS)
+        p = [q.name for q in PERSONAL].index(self.personal) if self.personal else len(PERSONAL)
+        return s, o, p
+
+
+def item_for(concept: str) -> Item:
+    """The item drawn for a concept name: a style, an object, a personal instance or a class prompt."""
+    if concept in STYLES:
+        return Item(style=concept)
+    if concept in OBJECTS:
+        return Item(object=concept)
+    if concept in PERSONAL_BY_NAME:
+        return Item(personal=concept)
+    if concept in CLASS_PROMPTS:
+        return Item(generic=concept)
+    known = ", ".join((*STYLES, *OBJECTS, *PERSONAL_BY_NAME, *CLASS_PROMPTS))
+    raise KeyError(f"unknown testbed concept {concept!r}; known: {known}")
+
+
+# ----------------------------------------------------------------------------------------------- colours
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    h, s, v = rng.random(), rng.uniform(0.35, 1.0), rng.uniform(0.25, 1.0)
+    return np.array(_hsv_to_rgb(h, s, v), dtype=np.float32)
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def _luma(c: np.ndarray) -> float:
+    return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
+
+
+def _palette(rng: np.random.Generator, n: int, min_contrast: float = 0.3) -> list[np.ndarray]:
+    """n colours whose first two differ in luminance by at least ``min_contrast`` (visible in grayscale)."""
+    a = _random_colour(rng)
+    for _ in range(100):
+        b = _random_colour(rng)
+        if abs(_luma(a) - _luma(b)) >= min_contrast:
+            break
+    else:
+        b = np.clip(1.0 - a, 0, 1)
+    rest = [_random_colour(rng) for _ in range(n - 2)]
+    return [a, b, *rest]
+
+
+# ----------------------------------------------------------------------------------------------- textures
+
+
+def _grid(n: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    ax = (np.arange(n, dtype=np.float32) + 0.5) * (SIZE / n)
+    return np.meshgrid(ax, ax, indexing="xy")
+
+
+def _smooth_noise(rng: np.random.Generator, cells: int, n: int = SIZE) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a random ``cells x cells`` grid, bicubically upsampled."""
+    g = rng.uniform(0, 255, size=(cells, cells)).astype(np.uint8)
+    up = np.asarray(Image.fromarray(g).resize((n, n), Image.BICUBIC), dtype=np.float32)
+    return up / 127.5 - 1.0
+
+
+def _rot(x: np.ndarray, y: np.ndarray, angle: float, cx: float = SIZE / 2, cy: float = SIZE / 2):
+    c, s = math.cos(angle), math.sin(angle)
+    dx, dy = x - cx, y - cy
+    return c * dx - s * dy, s * dx + c * dy
+
+
+def _edge(v: np.ndarray, width: float = 0.6) -> np.ndarray:
+    """Anti-aliased step: 0 below 0, 1 above, over about ``width`` pixels."""
+    return np.clip(0.5 + v / width, 0.0, 1.0)
+
+
+def _style_field(style: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A pattern field: an array of palette indices in [0, k) as floats blended at edges, and k."""
+    x, y = _grid()
+    # "stroke": a gentle, smooth warp of the coordinates, different for every image
+    amp = rng.uniform(0.5, 1.8)
+    x = x + amp * _smooth_noise(rng, 4)
+    y = y + amp * _smooth_noise(rng, 4)
+    angle = rng.uniform(0, math.pi)
+    if style == "strieker":
+        period = rng.uniform(8, 12)
+        u, _ = _rot(x, y, angle)
+        return _edge(np.sin(2 * math.pi * u / period) * period / (2 * math.pi)), 2
+    if style == "pointelle":
+        period = rng.uniform(10, 14)
+        r = rng.uniform(0.26, 0.36) * period
+        u, v = _rot(x, y, angle)
+        du = (u % period) - period / 2
+        dv = (v % period) - period / 2
+        return _edge(r - np.sqrt(du**2 + dv**2)), 2
+    if style == "checkov":
+        period = rng.uniform(7, 10)
+        u, v = _rot(x, y, angle)
+        su = np.sin(math.pi * u / period) * period / math.pi
+        sv = np.sin(math.pi * v / period) * period / math.pi
+        return _edge(su * sv / 3.0), 2
+    if style == "wavell":
+        period = rng.uniform(9, 12)
+        amp_w, wl = rng.uniform(3, 5), rng.uniform(16, 26)
+        u, v = _rot(x, y, angle)
+        f = np.sin(2 * math.pi * (u + amp_w * np.sin(2 * math.pi * v / wl)) / period)
+        return _edge(f * period / (2 * math.pi)), 2
+    if style == "ringo":
+        period = rng.uniform(8, 11)
+        cx, cy = rng.uniform(8, 56, size=2)
+        d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        return _edge(np.sin(2 * math.pi * d / period) * period / (2 * math.pi)), 2
+    if style == "hatcher":
+        period = rng.uniform(7, 9)
+        u, v = _rot(x, y, angle)
+        w = 1.1  # half line width
+        du = np.abs((u % period) - period / 2)
+        a = (u + v) / math.sqrt(2)
+        dv = np.abs((a % period) - period / 2)
+        line = np.maximum(_edge(w - du), _edge(w - dv))
+        return line, 2
+    if style == "cellini":
+        n_cells = int(rng.integers(9, 15))
+        pts = rng.uniform(0, SIZE, size=(n_cells, 2)).astype(np.float32)
+        d = np.sqrt((x[..., None] - pts[:, 0]) ** 2 + (y[..., None] - pts[:, 1]) ** 2)
+        srt = np.sort(d, axis=-1)
+        nearest = np.argmin(d, axis=-1)
+        border = _edge(1.3 - (srt[..., 1] - srt[..., 0]))
+        # three cell colours + border colour (index 3)
+        field = (nearest % 3).astype(np.float32)
+        return np.where(border > 0.5, 3.0, field), 4
+    if style == "zigler":
+        period = rng.uniform(9, 12)
+        zig = rng.uniform(6, 10)
+        u, v = _rot(x, y, angle)
+        tri = np.abs(((v / zig) % 2) - 1) * zig * 0.9
+        f = np.sin(2 * math.pi * (u + tri) / period)
+        return _edge(f * period / (2 * math.pi)), 2
+    raise KeyError(style)
+
+
+def _colourise(field: np.ndarray, k: int, palette: list[np.ndarray]) -> np.ndarray:
+    if k == 2:
+        f = field[..., None]
+        return palette[0] * (1 - f) + palette[1] * f
+    out = np.zeros((*field.shape, 3), dtype=np.float32)
+    for i in range(k):
+        colour = palette[i] if i < k - 1 else np.array([0.08, 0.08, 0.08], dtype=np.float32)
+        out[field == i] = colour
+    return out
+
+
+def _style_image(style: str, rng: np.random.Generator) -> np.ndarray:
+    field, k = _style_field(style, rng)
+    return _colourise(field, k, _palette(rng, max(k - 1, 2)))
+
+
+def _generic_artwork(rng: np.random.Generator) -> np.ndarray:
+    """Class-prompt "artwork": smooth colour blobs and gradients, none of the named styles."""
+    c = _palette(rng, 3)
+    a = (_smooth_noise(rng, int(rng.integers(2, 4))) + 1) / 2
+    b = (_smooth_noise(rng, int(rng.integers(2, 4))) + 1) / 2
+    img = c[0] * (1 - a[..., None]) + c[1] * a[..., None]
+    return img * (1 - 0.5 * b[..., None]) + c[2] * 0.5 * b[..., None]
+
+
+def _background(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
+    """A plain or softly graded background that contrasts with ``avoid`` in luminance."""
+    for _ in range(100):
+        c = _random_colour(rng)
+        if abs(_luma(c) - _luma(avoid)) >= 0.3:
+            break
+    else:
+        c = np.clip(1.0 - avoid, 0, 1)
+    x, y = _grid()
+    g = rng.uniform(-0.12, 0.12)
+    ramp = 1.0 + g * (y - SIZE / 2) / (SIZE / 2)
+    return np.clip(c[None, None, :] * ramp[..., None], 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- silhouettes
+
+
+def _shape_polys(obj: str) -> list[tuple[str, list[tuple[float, float]] | tuple[float, float, float, float], int]]:
+    """Primitives of a silhouette in unit coordinates (about [-1, 1]), y down: (kind, geometry, fill 255|0)."""
+    if obj == "star":
+        pts = []
+        for i in range(10):
+            r = 1.0 if i % 2 == 0 else 0.42
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a)))
+        return [("poly", pts, 255)]
+    if obj == "heart":
+        pts = []
+        for i in range(60):
+            t = 2 * math.pi * i / 60
+            hx = 16 * math.sin(t) ** 3
+            hy = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((hx / 16.5, -hy / 16.5 + 0.1))
+        return [("poly", pts, 255)]
+    if obj == "moon":
+        return [("ellipse", (-0.9, -0.9, 0.9, 0.9), 255), ("ellipse", (-0.45, -1.05, 1.15, 0.75), 0)]
+    if obj == "cross":
+        w = 0.33
+        return [("poly", [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
+                          (-1, w), (-1, -w), (-w, -w)], 255)]
+    if obj == "arrow":
+        return [("poly", [(-1, -0.22), (0.2, -0.22), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.22), (-1, 0.22)], 255)]
+    if obj == "house":
+        return [("poly", [(-0.75, -0.05), (0.75, -0.05), (0.75, 0.9), (-0.75, 0.9)], 255),
+                ("poly", [(-0.95, 0.0), (0.0, -0.9), (0.95, 0.0)], 255)]
+    if obj == "tree":
+        return [("poly", [(-0.15, 0.55), (0.15, 0.55), (0.15, 1.0), (-0.15, 1.0)], 255),
+                ("poly", [(-0.8, 0.6), (0.0, -0.2), (0.8, 0.6)], 255),
+                ("poly", [(-0.6, 0.15), (0.0, -1.0), (0.6, 0.15)], 255)]
+    if obj == "fish":
+        return [("ellipse", (-0.75, -0.45, 0.55, 0.45), 255), ("poly", [(0.35, 0.0), (1.0, -0.55), (1.0, 0.55)], 255)]
+    raise KeyError(obj)
+
+
+def _generic_shape(rng: np.random.Generator):
+    """Class-prompt "object": a random rounded blob (no named silhouette)."""
+    k = int(rng.integers(7, 11))
+    pts = []
+    radii = rng.uniform(0.55, 1.0, size=k)
+    for i in range(k):
+        a = 2 * math.pi * i / k
+        pts.append((radii[i] * math.cos(a), radii[i] * math.sin(a)))
+    return [("poly", pts, 255)]
+
+
+def _mask(prims, cx: float, cy: float, scale: float, angle: float) -> np.ndarray:
+    """Render primitives centred at (cx, cy) with radius ``scale`` px, rotated by ``angle``; float mask in [0, 1]."""
+    n = SIZE * _SS
+    canvas = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(canvas)
+    c, s = math.cos(angle), math.sin(angle)
+
+    def tx(px: float, py: float) -> tuple[float, float]:
+        return ((cx + scale * (c * px - s * py)) * _SS, (cy + scale * (s * px + c * py)) * _SS)
+
+    for kind, geo, fill in prims:
+        if kind == "poly":
+            draw.polygon([tx(*p) for p in geo], fill=fill)
+        else:  # ellipse: approximate as a polygon so that rotation applies
+            x0, y0, x1, y1 = geo
+            ex, ey, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            pts = [(ex + rx * math.cos(t), ey + ry * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+            draw.polygon([tx(*p) for p in pts], fill=fill)
+    small = canvas.resize((SIZE, SIZE), Image.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """A band around the mask's boundary (dilation minus erosion of the thresholded mask)."""
+    m = mask > 0.5
+    pad = np.pad(m, width)
+    dil = np.zeros_like(m)
+    ero = np.ones_like(m)
+    for dy in range(-width, width + 1):
+        for dx in range(-width, width + 1):
+            sh = pad[width + dy: width + dy + SIZE, width + dx: width + dx + SIZE]
+            dil |= sh
+            ero &= sh
+    return (dil & ~ero).astype(np.float32)
+
+
+def _placement(rng: np.random.Generator, obj: str | None, personal: bool = False):
+    scale = rng.uniform(15, 22) if personal else rng.uniform(13, 24)
+    margin = scale * 0.95
+    cx = rng.uniform(margin, SIZE - margin)
+    cy = rng.uniform(margin, SIZE - margin)
+    upright = obj in ("house", "tree") or personal
+    angle = rng.uniform(-0.35, 0.35) if upright else rng.uniform(-math.pi, math.pi)
+    return cx, cy, scale, angle
+
+
+def _blend(base: np.ndarray, top: np.ndarray | np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None]
+    return base * (1 - a) + top * a
+
+
+def _object_image(obj: str | None, rng: np.random.Generator) -> np.ndarray:
+    colour = _random_colour(rng)
+    bg = _background(rng, colour)
+    prims = _shape_polys(obj) if obj else _generic_shape(rng)
+    mask = _mask(prims, *_placement(rng, obj))
+    shade = 1.0 + 0.15 * _smooth_noise(rng, 3)[..., None]  # soft lighting so "photos" are not flat
+    return _blend(bg, np.clip(colour[None, None] * shade, 0, 1), mask)
+
+
+def _composition_image(obj: str, style: str, rng: np.random.Generator) -> np.ndarray:
+    field, k = _style_field(style, rng)
+    pal_bg = _palette(rng, max(k - 1, 2))
+    pal_fg = _palette(rng, max(k - 1, 2))
+    # keep the two palettes apart so the silhouette reads
+    if abs(_luma(pal_bg[0]) - _luma(pal_fg[0])) < 0.25:
+        pal_fg = [np.clip(1 - c, 0, 1) for c in pal_fg]
+    bg = 0.65 * _colourise(field, k, pal_bg) + 0.35 * pal_bg[0]
+    fg = _colourise(field, k, pal_fg)
+    mask = _mask(_shape_polys(obj), *_placement(rng, obj))
+    img = _blend(bg, fg, mask)
+    return _blend(img, np.zeros(3, dtype=np.float32), _outline(mask, 1) * 0.9)
+
+
+def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
+    bg = _background(rng, np.array(p.body, dtype=np.float32) / 255)
+    cx, cy, scale, angle = _placement(rng, p.object, personal=True)
+    mask = _mask(_shape_polys(p.object), cx, cy, scale, angle)
+    body = np.array(p.body, dtype=np.float32) / 255
+    accent = np.array(p.accent, dtype=np.float32) / 255
+    x, y = _grid()
+    u, v = _rot(x, y, angle, cx, cy)
+    u, v = u / scale, v / scale  # object-local unit coordinates
+    if p.pattern == "dots":
+        pat = _edge((0.13 - np.sqrt(((u % 0.42) - 0.21) ** 2 + ((v % 0.42) - 0.21) ** 2)) * scale)
+    elif p.pattern == "stripes":
+        pat = _edge(np.sin(2 * math.pi * v / 0.36) * 2.0)
+    elif p.pattern == "spots":
+        spots = [(-0.35, -0.15, 0.16), (0.0, 0.2, 0.13), (0.2, -0.25, 0.11), (-0.5, 0.3, 0.1)]
+        pat = np.zeros_like(u)
+        for sx, sy, r in spots:
+            pat = np.maximum(pat, _edge((r - np.sqrt((u - sx) ** 2 + (v - sy) ** 2)) * scale))
+    elif p.pattern == "checks":
+        pat = _edge(np.sin(math.pi * u / 0.22) * np.sin(math.pi * v / 0.22) * 3.0)
+    else:
+        pat = np.zeros_like(u)
+    obj_rgb = _blend(np.broadcast_to(body, (*u.shape, 3)), accent, pat)
+    img = _blend(bg, obj_rgb, mask)
+    white = np.ones(3, dtype=np.float32)
+    black = np.array([0.05, 0.05, 0.05], dtype=np.float32)
+    if p.detail == "center":
+        img = _blend(img, white, _edge((0.2 - np.sqrt(u**2 + v**2)) * scale))
+    elif p.detail == "outline":
+        img = _blend(img, black, _outline(mask, 1))
+    elif p.detail == "eye":
+        eye = _edge((0.17 - np.sqrt((u + 0.45) ** 2 + (v + 0.05) ** 2)) * scale)
+        pupil = _edge((0.08 - np.sqrt((u + 0.45) ** 2 + (v + 0.05) ** 2)) * scale)
+        img = _blend(_blend(img, white, eye), black, pupil)
+    elif p.detail == "door":
+        door = ((np.abs(u) < 0.2) & (v > 0.35) & (v < 0.9)).astype(np.float32)
+        img = _blend(img, accent, door)
+    elif p.detail == "halo":
+        img = _blend(img, white, _outline(mask, 2) * (1 - mask))
+    return img
+
+
+def render(item: Item, seed: int | np.random.SeedSequence | list[int]) -> np.ndarray:
+    """Render one 64x64 RGB image (uint8, HWC) of ``item``; a pure function of ``(item, seed)``."""
+    rng = np.random.default_rng(seed)
+    if item.generic == "artwork":
+        img = _generic_artwork(rng)
+    elif item.generic == "object":
+        img = _object_image(None, rng)
+    elif item.personal:
+        img = _personal_image(PERSONAL_BY_NAME[item.personal], rng)
+    elif item.style and item.object:
+        img = _composition_image(item.object, item.style, rng)
+    elif item.style:
+        img = _style_image(item.style, rng)
+    elif item.object:
+        img = _object_image(item.object, rng)
+    else:
+        raise ValueError("empty item")
+    img = img + rng.normal(0, 0.012, size=img.shape)  # faint sensor noise
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def item_seed(item: Item, seed: int, index: int) -> list[int]:
+    """The seed of image ``index`` of a set: distinct per item, so two concepts never share colours or layout."""
+    return [seed, index, zlib.crc32(repr(item).encode())]
+
+
+def render_many(items: list[Item], seed: int) -> np.ndarray:
+    """Render ``items`` as a uint8 array [n, 64, 64, 3]; image i uses :func:`item_seed`."""
+    if not items:
+        return np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    return np.stack([render(it, item_seed(it, seed, i)) for i, it in enumerate(items)])
+
+
+def concept_images(concept: str, count: int, seed: int) -> np.ndarray:
+    """``count`` renders of one concept (a style, object, personal instance, "artwork" or "object")."""
+    return render_many([item_for(concept)] * count, seed)
+
+
+def training_items(n: int, seed: int, personal: bool = False) -> list[Item]:
+    """A seeded mix of styles, objects, compositions and class-prompt items (and personal ones if asked)."""
+    rng = np.random.default_rng(seed)
+    items: list[Item] = []
+    kinds = ["style", "object", "composition", "artwork", "generic_object"] + (["personal"] if personal else [])
+    weights = np.array([0.32, 0.32, 0.24, 0.06, 0.06] + ([0.12] if personal else []))
+    weights = weights / weights.sum()
+    for k in rng.choice(len(kinds), size=n, p=weights):
+        kind = kinds[k]
+        if kind == "style":
+            items.append(Item(style=STYLES[rng.integers(len(STYLES))]))
+        elif kind == "object":
+            items.append(Item(object=OBJECTS[rng.integers(len(OBJECTS))]))
+        elif kind == "composition":
+            items.append(Item(style=STYLES[rng.integers(len(STYLES))], object=OBJECTS[rng.integers(len(OBJECTS))]))
+        elif kind == "artwork":
+            items.append(Item(generic="artwork"))
+        elif kind == "generic_object":
+            items.append(Item(generic="object"))
+        else:
+            items.append(Item(personal=PERSONAL[rng.integers(len(PERSONAL))].name))
+    return items
