@@ -1,0 +1,136 @@
+"""Architecture of the testbed pipeline: a tiny, real diffusers ``StableDiffusionPipeline``.
+
+64x64 RGB images, a 4x ``AutoencoderKL`` (16x16x4 latents), a ``UNet2DConditionModel`` with cross-attention,
+a ``CLIPTextModel`` of width :attr:`TestbedConfig.text_width` over the real CLIP BPE vocabulary, and a DDIM
+scheduler with Stable Diffusion's noise schedule. :data:`DEFAULT` is what ships; :data:`TINY` is for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    image_size: int = 64
+    # text encoder
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    max_length: int = 32
+    # UNet
+    unet_channels: tuple[int, ...] = (48, 96, 128)
+    unet_layers_per_block: int = 1
+    unet_head_dim: int = 8
+    unet_norm_groups: int = 16
+    # VAE
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_norm_groups: int = 8
+    # sampling defaults pinned for every testbed measurement
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
+    # training
+    n_images: int = 40_000
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    judge_steps: int = 1200
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+    prompt_dropout: float = 0.1
+    checkpoint_minutes: float = 3.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT = TestbedConfig()
+TINY = TestbedConfig(
+    text_width=32, text_layers=1, text_heads=2, max_length=16, unet_channels=(16, 32), unet_norm_groups=8,
+    unet_head_dim=4, vae_channels=(8, 16), vae_norm_groups=4, sample_steps=2, n_images=64, vae_steps=2, vae_batch=4,
+    judge_steps=2, unet_steps=2, unet_batch=4, unet_warmup=1, checkpoint_minutes=0.0,
+)
+
+
+def make_tokenizer(cfg: TestbedConfig, folder: str | Path):
+    from transformers import CLIPTokenizer
+
+    from .tokenizer import write_clip_tokenizer
+
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, cfg.max_length))
+
+
+def make_text_encoder(cfg: TestbedConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_length,
+        projection_dim=cfg.text_width, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet(cfg: TestbedConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size, in_channels=4, out_channels=4, block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block, down_block_types=down, up_block_types=up,
+        cross_attention_dim=cfg.text_width, attention_head_dim=cfg.unet_head_dim, norm_num_groups=cfg.unet_norm_groups,
+    )
+
+
+def make_vae(cfg: TestbedConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vae_channels, layers_per_block=1,
+        latent_channels=4, norm_num_groups=cfg.vae_norm_groups, sample_size=cfg.image_size,
+    )
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
+    """A ``StableDiffusionPipeline`` of these parts, without safety checker or feature extractor."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler or make_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_random_pipeline(cfg: TestbedConfig = TINY, seed: int = 0, tokenizer_folder: str | Path | None = None):
+    """An untrained pipeline of this architecture (tests, benchmarks)."""
+    import tempfile
+
+    torch.manual_seed(seed)
+    folder = tokenizer_folder or tempfile.mkdtemp(prefix="mima-tok-")
+    return assemble_pipeline(make_unet(cfg), make_vae(cfg), make_text_encoder(cfg), make_tokenizer(cfg, folder))

@@ -1,0 +1,305 @@
+"""Train the testbed from scratch: render data, train the VAE, the judge, then the UNet + text encoder jointly.
+
+``build_testbed(out)`` runs the stages in order. Each stage is seeded and step-indexed (batch ``k`` is drawn
+from a generator seeded by ``(seed, stage, k)``), checkpoints itself every ``checkpoint_minutes`` with an atomic
+write, resumes from its checkpoint, and leaves a ``<stage>.done`` marker; a finished stage is skipped. The
+timings of every stage are written to ``timings.json``. Progress goes to a callback, never to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .build import DEFAULT, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
+
+Progress = Callable[[str, int, int, dict], None]
+STAGES = ("data", "vae", "latents", "judge", "unet", "export")
+
+
+def _noop(stage: str, step: int, total: int, info: dict) -> None:
+    pass
+
+
+def _gen(seed: int, stage: str, step: int) -> torch.Generator:
+    """The generator of one training step: a pure function of (seed, stage, step), so resuming is exact."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{stage}/{step}".encode()))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+class _Clock:
+    """Says when a checkpoint is due (every ``minutes``; 0 = every step)."""
+
+    def __init__(self, minutes: float):
+        self.every = minutes * 60
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+    items = world.training_items(cfg.n_images, seed)
+    images = np.zeros((len(items), cfg.image_size, cfg.image_size, 3), np.uint8)
+    chunk = 1000
+    for i in range(0, len(items), chunk):
+        for j, it in enumerate(items[i : i + chunk]):
+            images[i + j] = world.render(it, world.item_seed(it, seed, i + j))
+        progress("data", min(i + chunk, len(items)), len(items), {})
+    prompts = np.array([it.prompt() for it in items])
+    labels = np.array([it.labels() for it in items], dtype=np.int64)
+    tmp = out / "data.tmp.npz"
+    np.savez(tmp, images=images, prompts=prompts, labels=labels)
+    os.replace(tmp, out / "data.npz")
+
+
+def _data(out: Path) -> dict:
+    with np.load(out / "data.npz") as d:
+        return {k: d[k] for k in d.files}
+
+
+def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+    images = _data(out)["images"]
+    torch.manual_seed(seed)
+    vae = make_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt_path, start = out / "vae.ckpt", 0
+    if (ck := _load(ckpt_path)) is not None:
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        start = int(ck["step"])
+    clock = _Clock(cfg.checkpoint_minutes)
+    vae.train()
+    for step in range(start, cfg.vae_steps):
+        g = _gen(seed, "vae", step)
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        x = _to_tensor(images[idx.numpy()])
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, 50)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / x[0].numel()
+        rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        loss = rec_loss + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        progress("vae", step + 1, cfg.vae_steps, {"loss": float(rec_loss)})
+        if clock.due() or step + 1 == cfg.vae_steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt_path)
+
+
+def _trained_vae(out: Path, cfg: TestbedConfig):
+    vae = make_vae(cfg)
+    vae.load_state_dict(_load(out / "vae.ckpt")["model"])
+    return vae.eval()
+
+
+def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+    images = _data(out)["images"]
+    vae = _trained_vae(out, cfg)
+    lat = torch.zeros(len(images), 4, cfg.latent_size, cfg.latent_size)
+    chunk = 256
+    with torch.no_grad():
+        for i in range(0, len(images), chunk):
+            lat[i : i + chunk] = vae.encode(_to_tensor(images[i : i + chunk])).latent_dist.mean
+            progress("latents", min(i + chunk, len(images)), len(images), {})
+    scale = float(1.0 / lat.std())
+    _atomic_save({"latents": lat.half(), "scaling_factor": torch.tensor(scale)}, out / "latents.pt")
+
+
+def stage_judge(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+    from .judge import save_judge, train_judge
+
+    judge = train_judge(
+        steps=cfg.judge_steps, seed=seed, checkpoint_path=out / "judge.ckpt",
+        progress=lambda s, t, info: progress("judge", s, t, info),
+    )
+    save_judge(judge, out / "judge.safetensors")
+
+
+class _EMA:
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = params
+        self.shadow = [p.detach().clone() for p in params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eval_every: int = 1000) -> None:
+    from diffusers import DDPMScheduler
+
+    data = _data(out)
+    lat_ck = _load(out / "latents.pt")
+    latents = lat_ck["latents"]
+    scale = float(lat_ck["scaling_factor"])
+    tokenizer = make_tokenizer(cfg, out / "tokenizer")
+    uniq, inverse = np.unique(data["prompts"], return_inverse=True)
+    uniq_ids = _token_ids(tokenizer, list(uniq))
+    empty_ids = _token_ids(tokenizer, [""])[0]
+    inverse = torch.from_numpy(inverse.astype(np.int64))
+
+    torch.manual_seed(seed + 1)
+    unet, text = make_unet(cfg), make_text_encoder(cfg)
+    params = [p for p in unet.parameters()] + [p for p in text.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    ema = _EMA(params, cfg.ema_decay)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ckpt_path, start = out / "unet.ckpt", 0
+    if (ck := _load(ckpt_path)) is not None:
+        unet.load_state_dict(ck["unet"])
+        text.load_state_dict(ck["text"])
+        opt.load_state_dict(ck["opt"])
+        for s, v in zip(ema.shadow, ck["ema"]):
+            s.copy_(v)
+        start = int(ck["step"])
+    clock = _Clock(cfg.checkpoint_minutes)
+    unet.train()
+    text.train()
+
+    def save(step: int) -> None:
+        _atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                      "ema": ema.shadow, "step": step}, ckpt_path)
+
+    for step in range(start, cfg.unet_steps):
+        g = _gen(seed, "unet", step)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        x0 = latents[idx].float() * scale
+        ids = uniq_ids[inverse[idx]]
+        drop = torch.rand(cfg.unet_batch, generator=g) < cfg.prompt_dropout
+        ids = torch.where(drop[:, None], empty_ids[None], ids)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = cfg.unet_lr * _cosine(step, cfg.unet_steps, cfg.unet_warmup)
+        ctx = text(ids)[0]
+        loss = F.mse_loss(unet(xt, t, ctx).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        info = {"loss": float(loss)}
+        if eval_every and (step + 1) % eval_every == 0 and (out / "judge.safetensors").exists():
+            save(step + 1)
+            info.update(_quick_eval(out, cfg, seed))
+        progress("unet", step + 1, cfg.unet_steps, info)
+        if clock.due() or step + 1 == cfg.unet_steps:
+            save(step + 1)
+
+
+def export_pipeline(out: Path, cfg: TestbedConfig, folder: Path, dtype=torch.float16):
+    """Assemble the pipeline from the checkpoints (EMA weights) and save it as a diffusers folder."""
+    ck = _load(out / "unet.ckpt")
+    unet, text = make_unet(cfg), make_text_encoder(cfg)
+    unet.load_state_dict(ck["unet"])
+    text.load_state_dict(ck["text"])
+    with torch.no_grad():
+        for p, s in zip([*unet.parameters(), *text.parameters()], ck["ema"]):
+            p.copy_(s)
+    vae = _trained_vae(out, cfg)
+    vae.register_to_config(scaling_factor=float(_load(out / "latents.pt")["scaling_factor"]))
+    pipe = assemble_pipeline(unet.eval(), vae, text.eval(), make_tokenizer(cfg, out / "tokenizer"))
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (Path(folder) / "testbed.json").write_text(json.dumps({"config": cfg.to_dict()}, indent=1, default=list))
+    return pipe
+
+
+def _quick_eval(out: Path, cfg: TestbedConfig, seed: int, n: int = 4) -> dict:
+    """Judge accuracy of a few generations per style and object prompt with the current EMA weights."""
+    import tempfile
+
+    from ..sampling import generate
+    from .judge import accuracy, load_judge_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = export_pipeline(out, cfg, Path(tmp) / "p", dtype=torch.float32)
+    judge = load_judge_file(out / "judge.safetensors")
+    accs = {}
+    for concept, prompt in [*((s, world.style_prompt(s)) for s in world.STYLES),
+                            *((o, world.object_prompt(o)) for o in world.OBJECTS)]:
+        imgs = generate(pipe, prompt, range(1000, 1000 + n), cfg.sample_steps, cfg.guidance_scale)
+        accs[concept] = accuracy(judge, imgs, concept)
+    return {"gen_acc": float(np.mean(list(accs.values()))), "gen_min": float(min(accs.values())),
+            "worst": min(accs, key=accs.get)}
+
+
+STAGE_FNS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "judge": stage_judge, "unet": stage_unet}
+
+
+def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, progress: Progress | None = None,
+                  stages: tuple[str, ...] = STAGES) -> dict:
+    """Run (or resume) every stage into ``out``; the final pipeline lands in ``out/pipeline`` and the judge in
+    ``out/judge.safetensors``. Returns ``{stage: seconds}`` of the stages run in this call and earlier ones."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = progress or _noop
+    cfg_path = out / "config.json"
+    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True, default=list)
+    if cfg_path.exists() and cfg_path.read_text() != cfg_json:
+        raise ValueError(f"{out} holds a build with another configuration ({cfg_path}); use a new --out")
+    cfg_path.write_text(cfg_json)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for stage in stages:
+        if (out / f"{stage}.done").exists():
+            continue
+        t0 = time.monotonic()
+        if stage == "export":
+            export_pipeline(out, cfg, out / "pipeline")
+        else:
+            STAGE_FNS[stage](out, cfg, seed, progress)
+        timings[stage] = timings.get(stage, 0.0) + time.monotonic() - t0
+        timings_path.write_text(json.dumps(timings, indent=1))
+        (out / f"{stage}.done").write_text("")
+    return timings
