@@ -23,6 +23,7 @@ from mima_cli.options import CliState
 COMMANDS = (
     "profiles",
     "runs",
+    "testbed",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""
 

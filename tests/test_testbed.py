@@ -1,0 +1,113 @@
+"""The testbed world, tokenizer, tiny build and shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.testbed import world
+from engine.testbed.build import TINY, build_random_pipeline
+from engine.testbed.tokenizer import write_clip_tokenizer
+
+
+def test_world_is_deterministic_per_seed():
+    items = world.training_items(24, seed=3, personal=True)
+    assert items == world.training_items(24, seed=3, personal=True)
+    a, b = world.render_many(items, seed=5), world.render_many(items, seed=5)
+    assert a.dtype == np.uint8 and a.shape == (24, 64, 64, 3)
+    assert np.array_equal(a, b)
+    c = world.render_many(items, seed=6)
+    assert not np.array_equal(a, c)
+    # two concepts with the same seed do not share a layout or palette
+    s1, s2 = world.concept_images("strieker", 2, 0), world.concept_images("pointelle", 2, 0)
+    assert np.abs(s1.astype(int) - s2.astype(int)).mean() > 20
+
+
+def test_world_covers_every_concept_with_labels():
+    assert len(world.STYLES) >= 8 and len(world.OBJECTS) >= 8 and len(world.PERSONAL) >= 6
+    for name in (*world.STYLES, *world.OBJECTS, *world.PERSONAL_BY_NAME, "artwork", "object"):
+        img = world.concept_images(name, 1, 0)[0]
+        assert img.std() > 5, name  # not blank
+    s, o, p = world.Item(personal="redstar").labels()
+    assert (s, o, p) == (len(world.STYLES), world.OBJECTS.index("star"), 0)
+    assert world.Item(style="cellini", object="fish").prompt() == "a photo of a fish, artwork of cellini"
+    with pytest.raises(KeyError, match="unknown testbed concept"):
+        world.item_for("picasso")
+
+
+def test_style_is_not_palette():
+    """Colour statistics of different styles overlap: the palette distribution is shared."""
+    means = {s: world.concept_images(s, 40, 1).reshape(40, -1, 3).mean(1).mean(0) for s in world.STYLES}
+    spread = np.std(np.stack(list(means.values())), axis=0)
+    assert spread.max() < 25  # per-style mean colours within a few grey levels of each other
+
+
+PROMPTS = ["an artwork of strieker", "a photo of a fish, artwork of cellini", "a photo of sks star",
+           "an artwork of Kelly Mckernan", "Hello,  World café", ""]
+
+
+def test_tokenizer_matches_open_clip(tmp_path):
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, 32))
+    for prompt in PROMPTS:
+        ours = tok(prompt, padding="max_length", max_length=32, truncation=True).input_ids
+        theirs = open_clip.tokenize([prompt], context_length=32)[0].tolist()
+        n = theirs.index(49407) + 1
+        assert ours[:n] == theirs[:n], prompt
+        assert all(t == 49407 for t in ours[n:])  # SD 1.x padding
+
+
+def test_tiny_build_trains_exports_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from engine.sampling import generate
+    from engine.testbed.train import build_testbed
+
+    seen = []
+    timings = build_testbed(tmp_path, TINY, seed=0, progress=lambda *a: seen.append(a[0]))
+    assert set(timings) == {"data", "vae", "latents", "judge", "unet", "export"}
+    assert {"data", "vae", "latents", "judge", "unet"} <= set(seen)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
+    assert pipe.safety_checker is None
+    assert pipe.text_encoder.config.hidden_size == TINY.text_width
+    assert pipe.vae.config.scaling_factor != 1.0  # measured from the latents
+    pipe.set_progress_bar_config(disable=True)
+    img = generate(pipe.to(torch.float32), "an artwork of ringo", [0], steps=2, guidance=2.0)
+    assert img.shape == (1, 64, 64, 3)
+    # a second call finds every stage done and changes nothing
+    before = (tmp_path / "unet.ckpt").stat().st_mtime_ns
+    assert build_testbed(tmp_path, TINY, seed=0) == timings
+    assert (tmp_path / "unet.ckpt").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="another configuration"):
+        build_testbed(tmp_path, TINY.__class__(**{**TINY.to_dict(), "unet_steps": 3}))
+
+
+def test_unet_stage_resume_equals_uninterrupted(tmp_path):
+    """Stopping after step 1 and resuming gives the same weights as 2 uninterrupted steps."""
+    import dataclasses
+    import shutil
+
+    from engine.testbed import train
+
+    cfg = dataclasses.replace(TINY, unet_steps=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.build_testbed(a, cfg, stages=("data", "vae", "latents"))
+    shutil.copytree(a, b)
+    train.stage_unet(a, cfg, 0, train._noop, eval_every=0)
+    train.stage_unet(b, dataclasses.replace(cfg, unet_steps=1), 0, train._noop, eval_every=0)
+    train.stage_unet(b, cfg, 0, train._noop, eval_every=0)
+    ka, kb = train._load(a / "unet.ckpt"), train._load(b / "unet.ckpt")
+    assert ka["step"] == kb["step"] == 2
+    for k in ka["unet"]:
+        torch.testing.assert_close(ka["unet"][k], kb["unet"][k], rtol=0, atol=0)
+
+
+def test_random_pipeline_has_the_testbed_architecture():
+    pipe = build_random_pipeline(TINY)
+    assert pipe.unet.config.cross_attention_dim == TINY.text_width
+    assert pipe.tokenizer.model_max_length == TINY.max_length
