@@ -521,3 +521,20 @@ def training_items(n: int, seed: int, personal: bool = False) -> list[Item]:
         else:
             items.append(Item(personal=PERSONAL[rng.integers(len(PERSONAL))].name))
     return items
+
+
+def item_for_prompt(prompt: str) -> Item:
+    """The item a testbed prompt asks for: a class prompt, a style, an object or a composition prompt."""
+    p = prompt.strip().lower()
+    if p in CLASS_PROMPTS:
+        return Item(generic=p)
+    for s in STYLES:
+        if p == style_prompt(s):
+            return Item(style=s)
+    for o in OBJECTS:
+        if p in (object_prompt(o), o):
+            return Item(object=o)
+        for s in STYLES:
+            if p == composition_prompt(o, s):
+                return Item(style=s, object=o)
+    raise KeyError(f"the testbed world cannot render the prompt {prompt!r}")
