@@ -1,0 +1,209 @@
+"""Widgets of the dashboard: loss curves (textual-plotext), sample thumbnails (textual-image)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import Static
+from textual_plotext import PlotextPlot
+
+from mima_cli.tui.data import downsample, fmt_value
+
+IMAGE_MODES = ("auto", "halfcell", "sixel", "tgp", "unicode", "none")
+"""``--images``: how thumbnails are drawn. ``halfcell`` (coloured ▀ half blocks) works in every colour
+terminal, over SSH and in tmux; ``sixel`` / ``tgp`` (kitty) are sharper where the terminal has them;
+``auto`` asks the terminal, except inside tmux/screen and when not on a terminal (half blocks)."""
+
+THUMB_PIXELS = 96
+"""Thumbnails are scaled to at most this many pixels on a side when loaded (enough for any cell size)."""
+
+
+def in_multiplexer(env: Mapping[str, str] = os.environ) -> bool:
+    """Inside tmux or GNU screen, where pixel graphics protocols are unreliable."""
+    term = env.get("TERM", "")
+    return bool(env.get("TMUX") or env.get("STY")) or term.startswith(("screen", "tmux"))
+
+
+def resolve_image_mode(mode: str = "auto", env: Mapping[str, str] = os.environ, isatty: bool | None = None) -> str:
+    """The concrete renderer for ``mode`` (one of :data:`IMAGE_MODES`).
+
+    ``auto`` must be resolved before the app starts: textual-image asks the terminal for Sixel and kitty
+    graphics support when it is imported, which no longer works once Textual owns the terminal.
+    """
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if isatty is None:
+        isatty = bool(sys.__stdout__ and sys.__stdout__.isatty())
+    if not isatty or in_multiplexer(env) or env.get("TEXTUAL_DRIVER"):
+        return "halfcell"
+    from textual_image.renderable import Image as Detected
+    from textual_image.renderable import SixelImage, TGPImage
+
+    if Detected is SixelImage:
+        return "sixel"
+    if Detected is TGPImage:
+        return "tgp"
+    return "halfcell"
+
+
+def image_widget_class(mode: str) -> type[Widget] | None:
+    """The textual-image widget class for a concrete mode (``none``: no images)."""
+    if mode == "none":
+        return None
+    import textual_image.widget as tiw
+
+    return {
+        "halfcell": tiw.HalfcellImage,
+        "sixel": tiw.SixelImage,
+        "tgp": tiw.TGPImage,
+        "unicode": tiw.UnicodeImage,
+    }[mode]
+
+
+def load_thumbnail(path: Path) -> Any:
+    """The image at ``path`` as a small RGB PIL image, or None if it can't be read (yet, or any more)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.thumbnail((THUMB_PIXELS, THUMB_PIXELS))
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- curves
+
+
+PALETTE = ("cyan+", "orange+", "green+", "magenta+", "blue+", "yellow+", "red+", "white")
+TWIN_PALETTE = ("cyan", "orange", "green", "magenta", "blue", "yellow", "red", "gray")
+
+
+def step_ticks(low: float, high: float, count: int) -> list[float]:
+    """At most ``count`` round integer ticks covering [low, high] (steps are integers)."""
+    span = max(high - low, 1.0)
+    raw = span / max(count, 1)
+    magnitude = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    step = next((m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw), 10 * magnitude)
+    step = max(1.0, float(round(step)))
+    first = math.ceil(low / step) * step
+    ticks = []
+    t = first
+    while t <= high + 1e-9:
+        ticks.append(t)
+        t += step
+    return ticks or [low]
+
+
+class CurvePlot(PlotextPlot):
+    """One scalar group (e.g. ``inner_loss`` with a line per concept), optionally with a twin's lines."""
+
+    DEFAULT_CSS = """
+    CurvePlot { height: 12; width: 1fr; }
+    """
+
+    def __init__(self, group: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group = group
+        self.series: dict[str, list[tuple[float, float]]] = {}
+        self.twin: dict[str, list[tuple[float, float]]] = {}
+
+    def set_series(
+        self,
+        series: dict[str, list[tuple[float, float]]],
+        twin: dict[str, list[tuple[float, float]]] | None = None,
+    ) -> None:
+        self.series = {k: list(v) for k, v in series.items()}
+        self.twin = {k: list(v) for k, v in (twin or {}).items()}
+        self.refresh()
+
+    def title_text(self) -> str:
+        """``inner_loss  Van Gogh 0.12  Picasso 0.34``: the group and the last finite value of each line."""
+        parts = [self.group]
+        for label, points in self.series.items():
+            last = next((y for _, y in reversed(points) if math.isfinite(y)), None)
+            if last is not None:
+                parts.append(fmt_value(last) if label == self.group else f"{label} {fmt_value(last)}")
+        return "  ".join(parts)
+
+    def render(self) -> Any:
+        plt = self.plt
+        plt.clear_data()
+        limit = max(self.size.width * 2, 10)
+        drawn = 0
+        labelled = len(self.series) + len(self.twin) > 1
+        for i, (label, points) in enumerate(self.series.items()):
+            xs, ys = downsample(points, limit)
+            if xs:
+                plt.plot(xs, ys, marker="braille", color=PALETTE[i % len(PALETTE)], label=label if labelled else None)
+                drawn += 1
+        for i, (label, points) in enumerate(self.twin.items()):
+            xs, ys = downsample(points, limit)
+            if xs:
+                plt.plot(xs, ys, marker="dot", color=TWIN_PALETTE[i % len(TWIN_PALETTE)], label=f"{label} (twin)")
+                drawn += 1
+        plt.title(self.title_text() if drawn else f"{self.group}: no finite values yet")
+        plt.xlabel("step")
+        xs = [x for points in (*self.series.values(), *self.twin.values()) for x, _ in points if math.isfinite(x)]
+        if xs:
+            ticks = step_ticks(min(xs), max(xs), max(2, self.size.width // 14))
+            plt.xticks(ticks, [str(int(t)) for t in ticks])
+        return super().render()
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+class Thumbnail(Vertical):
+    """The latest image of one name, with its label and step."""
+
+    DEFAULT_CSS = """
+    Thumbnail { width: 28; height: auto; padding: 0 1; }
+    Thumbnail > .thumb-caption { width: 1fr; height: 1; text-style: bold; }
+    Thumbnail > .thumb-image { width: 26; height: 13; }
+    Thumbnail > .thumb-missing { width: 26; height: 13; color: $text-muted; content-align: center middle; border: round $panel; }
+    """
+
+    def __init__(self, image_class: type[Widget] | None, caption: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.image_class = image_class
+        self.caption = caption
+        self.path: Path | None = None
+        self.step: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.caption, classes="thumb-caption", markup=False)
+        yield Static("no image yet", classes="thumb-missing")
+
+    def show(self, caption: str, path: Path | None, step: int | None) -> None:
+        """Show ``path`` (reloaded only when the path or step changed)."""
+        self.query_one(".thumb-caption", Static).update(caption)
+        if path == self.path and step == self.step:
+            return
+        self.path, self.step = path, step
+        image = load_thumbnail(path) if path is not None else None
+        old = self.query(".thumb-image, .thumb-missing")
+        if image is None or self.image_class is None:
+            text = "no image yet" if path is None else ("images off" if self.image_class is None else "image missing")
+            if isinstance(old.first(), Static) and old.first().has_class("thumb-missing"):
+                old.first(Static).update(text)
+                return
+            old.remove()
+            self.mount(Static(text, classes="thumb-missing"))
+            return
+        current = old.first()
+        if current.has_class("thumb-image"):
+            current.image = image  # type: ignore[attr-defined]
+            return
+        old.remove()
+        self.mount(self.image_class(image, classes="thumb-image"))
