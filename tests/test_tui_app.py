@@ -1,0 +1,199 @@
+"""``mima tui`` driven with ``App.run_test``: live updates while a run directory is appended to,
+truncated lines and deleted runs survived, keys, and the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from mima_cli.app import app as cli
+from mima_cli.tui.app import MimaTui
+from mima_cli.tui.demo import Demo
+from mima_cli.tui.screens import HelpScreen, RunScreen, RunsScreen
+from mima_cli.tui.widgets import CurvePlot, Thumbnail
+
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore::DeprecationWarning:textual_image")]
+
+IDS = {"immunize": "r1-immunize", "attack": "r2-attack", "base_attack": "r3-attack-base", "evaluate": "r4-evaluate"}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def demo(tmp_path):
+    d = Demo(tmp_path / "runs", steps=20, sample_every=2, eval_every=2, ids=IDS)
+    yield d
+    for run in d.writers:
+        run.close()
+
+
+async def until(pilot, condition, timeout: float = 10.0, what: str = "") -> None:
+    """Let the app run until ``condition()`` holds (the watcher polls on its own thread)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        pilot.app.watcher.wake()
+        await pilot.pause(0.05)
+
+
+def plot_points(screen: RunScreen, group: str) -> dict[str, int]:
+    plot = screen._plots.get(group)
+    return {label: len(points) for label, points in plot.series.items()} if plot else {}
+
+
+async def test_run_screen_follows_an_appended_run(demo):
+    demo.step(1)
+    app = MimaTui(demo.attack.dir.parent, IDS["attack"], interval=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.screen
+        assert isinstance(screen, RunScreen)
+        await until(pilot, lambda: plot_points(screen, "loss") == {"Van Gogh": 1, "Picasso": 1}, what="first point")
+        assert not screen._thumbs and screen.query_one("#metrics-table").row_count == 0
+
+        for step in range(2, 5):  # appended while the app runs
+            demo.step(step)
+        await until(pilot, lambda: plot_points(screen, "loss") == {"Van Gogh": 4, "Picasso": 4}, what="curves")
+        await until(pilot, lambda: {t.step for t in screen._thumbs.values()} == {4}, what="thumbnails")
+        thumb = screen._thumbs["eval/Van Gogh"]
+        assert thumb.query(".thumb-image") and "Van Gogh · step 4" in str(thumb.query_one(".thumb-caption").render())
+        table = screen.query_one("#metrics-table")
+        await until(pilot, lambda: table.row_count == 4, what="metric rows (2 concepts x steps 2, 4)")
+        assert [str(c.label) for c in table.columns.values()] == ["row", "step", "clip"]
+        header = str(screen.query_one("#run-header").render())
+        assert "running" in header and "step 4/20" in header and "twin r3-attack-base" in header
+
+        await pilot.press("5")  # compare with the twin: both runs side by side
+        await until(pilot, lambda: len(screen._compare_thumbs) == 4, what="twin thumbnails")
+        compare = screen.query_one("#compare-table")
+        assert compare.row_count == 2
+        assert set(screen._compare_plots["loss"].twin) == {"Van Gogh", "Picasso"}
+        assert {k: t.step for k, t in screen._compare_thumbs.items()} == {
+            ("Van Gogh", "this"): 4, ("Van Gogh", "twin"): 4, ("Picasso", "this"): 4, ("Picasso", "twin"): 4
+        }
+
+        demo.attack.log_status("attack checkpoint saved")
+        demo.attack.fail("CUDA out of memory")
+        await until(pilot, lambda: "failed" in str(screen.query_one("#run-header").render()), what="failed state")
+        assert "error: CUDA out of memory" in str(screen.query_one("#run-header").render())
+        await pilot.press("4")
+        log_text = "\n".join(line.text for line in screen.query_one("#log-view").lines)
+        assert "attack checkpoint saved" in log_text and "state: failed (CUDA out of memory)" in log_text
+
+
+async def test_runs_screen_lists_new_runs_and_survives_damage(demo):
+    demo.step(1)
+    app = MimaTui(demo.attack.dir.parent, interval=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert isinstance(app.screen, RunsScreen)
+        table = app.screen.query_one("#runs-table")
+        await until(pilot, lambda: table.row_count == 4, what="four runs")
+        assert str(table.get_cell(IDS["immunize"], "kind")) == "immunize"
+
+        from engine.runs import RunWriter
+
+        late = RunWriter(demo.attack.dir.parent, "erase", method="uce", run_id="r5-erase")
+        await until(pilot, lambda: table.row_count == 5, what="a new run appears by itself")
+        late.fail("ValueError: no concepts")
+        await until(pilot, lambda: str(table.get_cell("r5-erase", "state")) == "failed", what="failed run")
+        assert "no concepts" in str(table.get_cell("r5-erase", "note"))
+
+        # a half-written last line and a garbage line in a followed run are survived
+        await pilot.press("enter")  # the cursor starts on the newest run
+        await until(pilot, lambda: isinstance(app.screen, RunScreen), what="run screen")
+        screen = app.screen
+        assert screen.run_id == "r5-erase"
+        line = json.dumps({"t": 1.0, "run": "r5-erase", "phase": "erase", "step": 1, "kind": "scalar", "name": "residual", "value": 0.5})
+        with open(late.events_path, "a", encoding="utf-8") as f:
+            f.write("\x00garbage\n" + line[:25])
+        await pilot.pause(0.3)
+        assert "residual" not in screen._plots
+        with open(late.events_path, "a", encoding="utf-8") as f:
+            f.write(line[25:] + "\n")
+        await until(pilot, lambda: plot_points(screen, "residual") == {"residual": 1}, what="completed line")
+
+        # the run directory is deleted underneath the open run screen
+        late.close()
+        shutil.rmtree(late.dir)
+        await until(pilot, lambda: "deleted" in str(screen.query_one("#run-header").render()), what="deleted banner")
+        assert plot_points(screen, "residual") == {"residual": 1}  # what was read is still shown
+        await pilot.press("escape")
+        await until(pilot, lambda: table.row_count == 4, what="the deleted run leaves the list")
+        shutil.rmtree(demo.attack.dir.parent)  # even the whole runs directory
+        await until(pilot, lambda: table.row_count == 0, what="empty list")
+        assert "waiting for runs" in str(app.screen.query_one("#runs-title").render())
+        assert app.is_running
+
+
+async def test_keys_help_twin_and_quit(demo):
+    demo.step(1)
+    app = MimaTui(demo.attack.dir.parent, interval=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.screen.query_one("#runs-table")
+        await until(pilot, lambda: table.row_count == 4)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert "compare with the twin" in str(app.screen.query_one("#help-text").render())
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+
+        table.move_cursor(row=list(table.rows).index(IDS["base_attack"]))
+        await pilot.press("t")  # the unimmunized attack's twin is the attack on the immunized model
+        await until(pilot, lambda: isinstance(app.screen, RunScreen))
+        assert app.screen.run_id == IDS["attack"]
+        await pilot.press("t")  # and back: one run screen at a time
+        await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.run_id == IDS["base_attack"])
+        await pilot.press("p")  # no parent: a warning, no crash
+        await pilot.press("2", "3", "4", "5", "1")
+        await until(pilot, lambda: isinstance(app.screen.query_one(CurvePlot), CurvePlot))
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+async def test_images_off_and_missing_files(demo):
+    for step in (1, 2):
+        demo.step(step)
+    for png in demo.immunize.samples_dir.glob("*.png"):
+        png.unlink()
+    app = MimaTui(demo.attack.dir.parent, IDS["immunize"], interval=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await until(pilot, lambda: len(screen._thumbs) == 2 and all(t.step == 2 for t in screen._thumbs.values()))
+        await pilot.pause(0.1)
+        assert all(str(t.query_one(".thumb-missing").render()) == "image missing" for t in screen._thumbs.values())
+    off = MimaTui(demo.attack.dir.parent, IDS["attack"], images="none", interval=0.05)
+    async with off.run_test(size=(80, 24)) as pilot:
+        screen = off.screen
+        await until(pilot, lambda: len(screen._thumbs) == 2 and all(t.step == 2 for t in screen._thumbs.values()))
+        await pilot.pause(0.1)
+        assert not screen.query(Thumbnail).first().query(".thumb-image")
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+def test_cli_help_and_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["tui", "--help"])
+    assert result.exit_code == 0 and "--run" in result.output and "--serve" in result.output
+    result = runner.invoke(cli, ["tui", str(tmp_path), "--run", "nope"])
+    assert result.exit_code == 2 and "no runs" in result.output
+    result = runner.invoke(cli, ["tui", str(tmp_path), "--images", "kitty"])
+    assert result.exit_code == 2 and "--images must be one of" in result.output
+
+
+def test_serve_runs_the_same_command_for_each_browser(tmp_path):
+    from mima_cli.tui_cmd import serve_command
+
+    command = serve_command(tmp_path, "r1", "auto", 0.5)
+    assert "-m mima_cli.app tui" in command and str(tmp_path.resolve()) in command
+    assert "--images halfcell" in command and "--run r1" in command
