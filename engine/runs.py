@@ -241,12 +241,18 @@ class RunWriter:
         run_id: str | None = None,
         phase: str | None = None,
         status_interval: float = 0.5,
+        resume: bool = False,
     ) -> None:
         if not kind or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", kind):
             raise ValueError(f"run kind must be lowercase letters, digits and '-', got {kind!r}")
         runs_dir = Path(runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
-        while True:
+        previous: dict[str, Any] = {}
+        if resume:  # reopen an existing run: append to its events, keep its start time and links
+            if run_id is None or not (runs_dir / run_id).is_dir():
+                raise RunNotFound(f"no run {run_id!r} under {runs_dir} to resume")
+            previous = read_status(runs_dir / run_id)
+        while not resume:
             self.id = run_id or new_run_id(kind, method, group)
             self.dir = runs_dir / self.id
             try:
@@ -255,15 +261,17 @@ class RunWriter:
             except FileExistsError:
                 if run_id is not None:
                     raise
+        if resume:
+            self.id, self.dir = str(run_id), runs_dir / str(run_id)
         self.samples_dir = self.dir / "samples"
         self.checkpoints_dir = self.dir / "checkpoints"
-        self.samples_dir.mkdir()
-        self.checkpoints_dir.mkdir()
+        self.samples_dir.mkdir(exist_ok=resume)
+        self.checkpoints_dir.mkdir(exist_ok=resume)
         self.phase = phase or kind
         self._lock = threading.RLock()
         self._status_interval = status_interval
         self._last_status_write = 0.0
-        if profile is not None:
+        if profile is not None and not resume:
             from engine.profile import dump_profile
 
             (self.dir / PROFILE_FILE).write_text(
@@ -289,6 +297,10 @@ class RunWriter:
             "pid": os.getpid(),
             "extra": dict(extra or {}),
         }
+        if resume:
+            keep = ("started", "kind", "method", "profile", "group", "concepts", "parent", "twin", "base_model_hash")
+            self._status.update({k: previous[k] for k in keep if previous.get(k) is not None})
+            self._status["extra"] = {**previous.get("extra", {}), **self._status["extra"]}
         self._write_status()
         self.log("status", "state", "running")
 

@@ -1,0 +1,44 @@
+"""``erase``: UCE-erase concepts from a model's cross-attention k/v and save it as a run (kind ``erase``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .editing import uce_edit
+from .profile import Profile
+
+
+def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, profile_name: str | None = None,
+          device: str | None = None, progress=None) -> Path:
+    """Erase ``[erase] concepts`` (default: the group's targets) from ``[model] base`` with UCE; returns the run dir.
+
+    The erased model is ``<run>/model`` (UNet only + ``mima_model.json`` naming the base). ``[erase] method = "none"``
+    is an error here: there is nothing to erase.
+    """
+    from .models import load_pipeline, model_hash, pick_device, pick_dtype, save_model
+    from .runs import RunWriter
+
+    if profile.erase.method != "uce":
+        raise ValueError(f"[erase] method is {profile.erase.method!r}; set it to \"uce\" to erase")
+    concepts = profile.erase_targets(group)
+    base = profile.model.base
+    pipe = load_pipeline(base, pick_device(device or profile.model.device), pick_dtype(profile.model.dtype))
+    base_hash = model_hash(pipe)
+    with RunWriter(runs_dir, "erase", method="uce", profile=profile, profile_name=profile_name, group=group,
+                   concepts=[c.name for c in concepts], base_model_hash=base_hash,
+                   extra={"base": base, "target": profile.erase.target}) as run:
+        e = profile.erase
+        report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, [c.prompt for c in concepts], e.preserve,
+                          e.target, e.lamb, e.erase_scale, e.preserve_scale)
+        for key, value in vars(report).items():
+            run.log_metric(f"uce/{key}", value)
+        run.log_status(f"UCE: {report.erased_rows} erased + {report.preserved_rows} preserved rows in width "
+                       f"{report.width} over {report.layers} k/v layers; preserved drift {report.preserve_drift:.2e}"
+                       + (" (rows dependent: least-squares compromise)" if report.dependent else ""))
+        run.progress(1, 1)
+        if progress:
+            progress("erase", 1, 1, {"drift": report.preserve_drift})
+        save_model(pipe, run.dir / "model", base=base, full=False)
+        run.set_status(extra={"base": base, "target": e.target, "preserve_drift": report.preserve_drift,
+                              "erased_model_hash": model_hash(pipe)})
+    return run.dir

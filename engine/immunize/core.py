@@ -1,0 +1,198 @@
+"""The bi-level step shared by MIMA, JT, CP and IMMA (Algorithm 1 of MIMA; PAPER.md "The bi-level loop").
+
+One outer step, for tasks ``n = 1..N`` (a task is a concept; JT has one task made of all concepts' data)::
+
+    g_n     = grad_{S^l} L(x_n^l; theta)                    L = instance loss + w * prior loss (minimised)
+    theta'_n[S^l] = theta[S^l] - alpha * g_n
+    theta'  = Merge(theta'_1..theta'_N)     k/v: closed form (anchor W0 = theta's or the pretrained k/v);
+                                            other S^l: mean; rest: theta.  (No merge for one task.)
+    J       = sum_n [ instance loss(x_n^u; theta') - w * prior loss(x_n^u; theta') ]      (maximised)
+    grad_{S^u} J, through the merge and the inner step, by one of three gradient modes:
+
+- ``exact``: autograd through the inner gradient (``create_graph``; needs attention with a double backward);
+- ``fd``: the first-order graph plus ``-alpha * H_n u_n`` for every task, ``u_n = dJ/dtheta'_n`` (what flows back
+  from the merge into the adapted copy) and ``H_n u_n`` by central differences of first-order gradients,
+  ``[grad_{S^u} L_n(theta + eps u_n) - grad_{S^u} L_n(theta - eps u_n)] / 2 eps``, same data, timesteps and noise in
+  every pass, perturbation in float32 or wider;
+- ``first-order``: the inner gradients are constants.
+
+Parameters are passed to the UNet functionally (``torch.func.functional_call``), so the module's own parameters stay
+the leaves that the upper optimiser updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from ..diffusion import noise_loss
+
+GRADIENT_MODES = ("exact", "fd", "first-order")
+
+
+@dataclass
+class Batch:
+    """One forward pass: instance samples first, then prior samples."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    n_instance: int
+
+    @staticmethod
+    def cat(batches: Sequence[Batch]) -> Batch:
+        """Concatenate batches, keeping instance samples before prior samples."""
+        parts = []
+        for key in ("latents", "context", "noise", "timesteps"):
+            inst = [getattr(b, key)[: b.n_instance] for b in batches]
+            prior = [getattr(b, key)[b.n_instance :] for b in batches]
+            parts.append(torch.cat(inst + prior))
+        return Batch(*parts, n_instance=sum(b.n_instance for b in batches))
+
+
+@dataclass
+class Task:
+    """A lower-level task: its inner batch and upper batch (independent draws)."""
+
+    name: str
+    lower: Batch
+    upper: Batch
+
+
+@dataclass
+class StepStats:
+    inner_loss: dict[str, float] = field(default_factory=dict)
+    outer_loss: float = 0.0
+    prior_loss: float = 0.0
+    merge_residual: float = 0.0
+    grad_norm: float = 0.0
+
+
+class BiLevel:
+    """The meta-gradient of one outer step for a UNet, parameter sets and a merge.
+
+    ``merge_fn(anchor: dict, adapted: list[dict]) -> dict`` combines the adapted ``S^l`` copies (None: one task, no
+    merge). ``anchor`` holds theta's k/v (``merge.anchor = current``) or the pretrained ones.
+    """
+
+    def __init__(self, unet, scheduler, lower: list[str], upper: list[str], inner_lr: float, prior_weight: float,
+                 gradient: str = "fd", fd_eps: float = 1e-3,
+                 merge_fn: Callable[[dict, list[dict]], tuple[dict, float]] | None = None,
+                 anchor: dict[str, torch.Tensor] | None = None):
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {', '.join(GRADIENT_MODES)}")
+        self.unet, self.scheduler = unet, scheduler
+        self.params = dict(unet.named_parameters())
+        self.lower, self.upper = list(lower), list(upper)
+        self.inner_lr, self.prior_weight = inner_lr, prior_weight
+        self.gradient, self.fd_eps = gradient, fd_eps
+        self.merge_fn, self.anchor = merge_fn, anchor
+
+    # -------------------------------------------------------------------------------------------- losses
+
+    def losses(self, overrides: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(instance loss, prior loss) of ``batch`` with ``overrides`` replacing module parameters."""
+
+        def fn(x, t, c):
+            return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
+
+        per = noise_loss(fn, self.scheduler, batch.latents, batch.context, batch.noise, batch.timesteps, "none")
+        k = batch.n_instance
+        inst = per[:k].mean()
+        prior = per[k:].mean() if per.shape[0] > k else per.new_zeros(())
+        return inst, prior
+
+    def inner_objective(self, overrides, batch) -> torch.Tensor:
+        inst, prior = self.losses(overrides, batch)
+        return inst + self.prior_weight * prior
+
+    # -------------------------------------------------------------------------------------------- step
+
+    def _adapt(self, task: Task, create_graph: bool) -> tuple[dict[str, torch.Tensor], float]:
+        theta_l = [self.params[k] for k in self.lower]
+        loss = self.inner_objective({}, task.lower)
+        grads = torch.autograd.grad(loss, theta_l, create_graph=create_graph)
+        adapted = {}
+        for k, p, g in zip(self.lower, theta_l, grads):
+            adapted[k] = p - self.inner_lr * (g if create_graph else g.detach())
+        return adapted, float(loss)
+
+    def _merge(self, adapted: list[dict]) -> tuple[dict, float]:
+        if self.merge_fn is None:
+            return adapted[0], 0.0
+        anchor = self.anchor if self.anchor is not None else {k: self.params[k] for k in self.lower}
+        return self.merge_fn(anchor, adapted)
+
+    def _upper_objective(self, merged: dict, tasks: Sequence[Task]) -> tuple[torch.Tensor, float, float]:
+        inst, prior = self.losses(merged, Batch.cat([t.upper for t in tasks]))
+        n = len(tasks)
+        j = n * (inst - self.prior_weight * prior)  # = sum over tasks of their means (equal batch sizes)
+        return j, float(inst) * n, float(prior) * n
+
+    def meta_gradient(self, tasks: Sequence[Task]) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """``{name: dJ/dtheta}`` for the ``S^u`` parameters, and the step's statistics."""
+        stats = StepStats()
+        upper = [self.params[k] for k in self.upper]
+        exact = self.gradient == "exact"
+        adapted = []
+        for task in tasks:
+            a, loss = self._adapt(task, create_graph=exact)
+            stats.inner_loss[task.name] = loss
+            if self.gradient == "fd":
+                a = {k: v.detach().requires_grad_(True) for k, v in a.items()}
+            adapted.append(a)
+        merged, stats.merge_residual = self._merge(adapted)
+        j, stats.outer_loss, stats.prior_loss = self._upper_objective(merged, tasks)
+        if self.gradient != "fd":
+            grads = torch.autograd.grad(j, upper, allow_unused=True)
+            out = {k: (g if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
+        else:
+            out = self._fd_gradient(j, upper, adapted, tasks)
+        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        return out, stats
+
+    def _fd_gradient(self, j, upper, adapted, tasks) -> dict[str, torch.Tensor]:
+        flat_adapted = [v for a in adapted for v in a.values()]
+        grads = torch.autograd.grad(j, upper + flat_adapted, allow_unused=True)
+        out = {k: (g.detach() if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
+        i = len(upper)
+        upper_set = set(self.upper)
+        for task, a in zip(tasks, adapted):
+            u = {}
+            for k in a:
+                g = grads[i]
+                i += 1
+                u[k] = g.detach() if g is not None else torch.zeros_like(a[k])
+            for k in a:  # d theta'_n / d theta = I on S^l
+                if k in upper_set:
+                    out[k] = out[k] + u[k]
+            if self.inner_lr:
+                hvp = self._hvp(task, u)
+                for k in self.upper:
+                    out[k] = out[k] - self.inner_lr * hvp[k]
+        return out
+
+    def _hvp(self, task: Task, u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``H[S^u, S^l] u`` by central differences of ``grad_{S^u} L_n`` along ``u`` (on ``S^l``)."""
+        norm_u = torch.sqrt(sum((v.double() ** 2).sum() for v in u.values()))
+        if float(norm_u) == 0.0:
+            return {k: torch.zeros_like(self.params[k]) for k in self.upper}
+        norm_theta = torch.sqrt(sum((self.params[k].detach().double() ** 2).sum() for k in self.lower))
+        eps = float(self.fd_eps * max(float(norm_theta), 1.0) / float(norm_u))
+        sides = []
+        for sign in (1.0, -1.0):
+            over = {}
+            for k in set(self.lower) | set(self.upper):
+                p = self.params[k].detach()
+                wide = torch.promote_types(p.dtype, torch.float32)
+                if k in u:
+                    p = (p.to(wide) + sign * eps * u[k].to(wide)).to(p.dtype)
+                over[k] = p.requires_grad_(k in self.upper)
+            loss = self.inner_objective(over, task.lower)
+            g = torch.autograd.grad(loss, [over[k] for k in self.upper], allow_unused=True)
+            sides.append([x if x is not None else torch.zeros_like(over[k]) for k, x in zip(self.upper, g)])
+        return {k: (gp - gm) / (2 * eps) for k, gp, gm in zip(self.upper, *sides)}

@@ -1,0 +1,437 @@
+"""Run an immunization method from a profile: data, the step loop, samples, checkpoints, resume, the saved model.
+
+``immunize(...)`` writes ``runs/<id>/`` (see :mod:`engine.runs`): per-step scalars ``inner_loss/<concept>``,
+``outer_loss``, ``prior_loss``, ``merge_residual``, ``grad_norm``, ``step_seconds``, ``peak_memory_mb``; sample images
+``samples/<concept>`` every ``sample_every`` steps for each target and one non-target concept (fixed seeds);
+checkpoints of the changed parameters (safetensors) under ``checkpoints/``; and the immunized model in ``model/``.
+Batches are drawn from generators seeded by ``(seed, step, task, level)``, so ``--resume`` continues exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import load_image_set
+from ..diffusion import concept_rows, encode_images, encode_prompts, training_scheduler
+from ..editing import merge_projector
+from ..models import kv_layer_names, param_names
+from ..profile import Concept, Profile
+from . import MethodSpec, get_method
+from .core import Batch, BiLevel, StepStats, Task
+
+SAMPLE_SEEDS = (1000, 1001, 1002, 1003)
+
+
+class ImmunizationError(RuntimeError):
+    pass
+
+
+@dataclass
+class ConceptData:
+    name: str
+    prompt: str
+    context: torch.Tensor  # [L, c] prompt embedding
+    class_context: torch.Tensor  # [L, c]
+    rows: torch.Tensor  # [l, c] the merge's C_n
+    latents: torch.Tensor  # [n, 4, h, w]
+    prior: torch.Tensor  # [k, 4, h, w]
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(json.dumps(key).encode()) & 0x7FFFFFFFFFFF)
+
+
+def draw_batch(c: ConceptData, batch: int, gen: torch.Generator, num_train_timesteps: int = 1000) -> Batch:
+    """``batch`` instance images of ``c`` and as many prior images, with noise and timesteps, from ``gen``."""
+    ii = torch.randint(0, len(c.latents), (batch,), generator=gen)
+    pi = torch.randint(0, len(c.prior), (batch,), generator=gen)
+    lat = torch.cat([c.latents[ii], c.prior[pi]])
+    ctx = torch.cat([c.context.expand(batch, -1, -1), c.class_context.expand(batch, -1, -1)])
+    noise = torch.randn(lat.shape, generator=gen).to(lat.device, lat.dtype)
+    t = torch.randint(0, num_train_timesteps, (2 * batch,), generator=gen).to(lat.device)
+    return Batch(lat, ctx.to(lat.dtype), noise, t, n_instance=batch)
+
+
+def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: int, step: int) -> list[Task]:
+    def draw(c: ConceptData, level: str) -> Batch:
+        return draw_batch(c, batch, _gen(seed, step, c.name, level))
+
+    if spec.tasks == "joint":
+        return [Task("joint", Batch.cat([draw(c, "lower") for c in concepts]),
+                     Batch.cat([draw(c, "upper") for c in concepts]))]
+    return [Task(c.name, draw(c, "lower"), draw(c, "upper")) for c in concepts]
+
+
+def make_merge_fn(projector, kv_names: set[str]) -> Callable:
+    """k/v weights: closed form; other lower-level parameters: mean of the adapted copies."""
+
+    def merge(anchor: dict, adapted: list[dict]) -> tuple[dict, float]:
+        out, resid = {}, 0.0
+        for k in adapted[0]:
+            copies = [a[k] for a in adapted]
+            if k in kv_names:
+                out[k] = projector.apply(anchor[k], copies)
+                resid = max(resid, projector.residual(out[k].detach(), [c.detach() for c in copies]))
+            else:
+                out[k] = torch.stack(copies).mean(0)
+        return out, resid
+
+    return merge
+
+
+# ------------------------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class Setup:
+    spec: MethodSpec
+    pipe: object
+    concepts: list[ConceptData]
+    samples: list[tuple[str, str]]  # (concept name, prompt) to draw every sample_every steps
+    lower: list[str]
+    upper: list[str]
+    bilevel: BiLevel | None
+    projector: object
+    kv_names: set[str]
+
+
+def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], others: list[Concept],
+            base_pipe_fn: Callable[[], object], cache_dir: Path | None, progress=None) -> Setup:
+    s = profile.immunize
+    unet, vae = pipe.unet, pipe.vae
+    size = s.resolution
+    gen_kw = dict(pipe_fn=base_pipe_fn, model_key=profile.model.base, steps=profile.model.sample_steps,
+                  guidance=profile.model.guidance, cache_dir=cache_dir)
+    concepts = []
+    for i, c in enumerate(targets):
+        imgs = load_image_set(c.images.immunize, prompt=c.prompt, size=size, concept=c.name, **gen_kw)
+        reg = profile.regularization.images_for(c.class_prompt)
+        prior = load_image_set(reg, prompt=c.class_prompt, size=size, **gen_kw)
+        ctx = encode_prompts(pipe.text_encoder, pipe.tokenizer, [c.prompt, c.class_prompt])
+        concepts.append(ConceptData(
+            c.name, c.prompt, ctx[0], ctx[1], concept_rows(pipe.text_encoder, pipe.tokenizer, c.prompt),
+            encode_images(vae, imgs, size), encode_images(vae, prior, size)))
+        if progress:
+            progress("data", i + 1, len(targets), {"concept": c.name})
+    lower = param_names(unet, spec.lower or (s.imma_adaptation if spec.name == "imma" and s.imma_adaptation != "lora"
+                                              else s.lower_set))
+    upper = param_names(unet, spec.upper or s.upper_set)
+    kv = set(kv_layer_names(unet)) & set(lower)
+    projector = None
+    if spec.merge and len(concepts) > 1 and kv or spec.algorithm == "alternating":
+        captions = profile.regularization_captions()
+        reg_rows = torch.cat([concept_rows(pipe.text_encoder, pipe.tokenizer, cap) for cap in captions])
+        projector = merge_projector([c.rows for c in concepts], reg_rows, s.merge.ridge, s.merge.mu)
+    samples = [(c.name, c.prompt) for c in targets] + [(c.name, c.prompt) for c in others[:1]]
+    for name, p in unet.named_parameters():
+        p.requires_grad_(name in set(lower) | set(upper))
+    bilevel = None
+    if spec.algorithm == "bilevel":
+        merge_fn = make_merge_fn(projector, kv) if projector is not None and spec.merge else None
+        anchor = None
+        if merge_fn is not None and s.merge.anchor == "pretrained":
+            params = dict(unet.named_parameters())
+            anchor = {k: params[k].detach().clone() for k in lower}
+        bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, s.gradient,
+                          s.fd_eps, merge_fn, anchor)
+    return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv)
+
+
+def alternating_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
+    """The released code's scheme (labelled reproduction): inner steps written into the model, merged k/v copied in
+    without gradient, then a first-order ascent step at the resulting weights."""
+    s = profile.immunize
+    unet = setup.pipe.unet
+    params = dict(unet.named_parameters())
+    sched = training_scheduler(setup.pipe)
+    core = BiLevel(unet, sched, setup.lower, setup.upper, s.inner_lr, s.prior_weight, "first-order")
+    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
+    stats = StepStats()
+    adapted = []
+    for task in tasks:
+        a, loss = core._adapt(task, create_graph=False)
+        stats.inner_loss[task.name] = loss
+        adapted.append({k: v.detach() for k, v in a.items()})
+    with torch.no_grad():
+        for k in setup.lower:
+            copies = [a[k] for a in adapted]
+            if k in setup.kv_names and setup.projector is not None:
+                new = setup.projector.apply(params[k].detach(), copies)
+                stats.merge_residual = max(stats.merge_residual, setup.projector.residual(new, copies))
+            else:
+                new = torch.stack(copies).mean(0)
+            params[k].copy_(new)
+    inst, prior = core.losses({}, Batch.cat([t.upper for t in tasks]))
+    n = len(tasks)
+    j = n * (inst - s.prior_weight * prior)
+    grads = torch.autograd.grad(j, [params[k] for k in setup.upper], allow_unused=True)
+    for k, g in zip(setup.upper, grads):
+        params[k].grad = g if g is not None else torch.zeros_like(params[k])
+    stats.outer_loss, stats.prior_loss = float(inst) * n, float(prior) * n
+    stats.grad_norm = float(torch.sqrt(sum((params[k].grad.float() ** 2).sum() for k in setup.upper)))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def bilevel_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
+    s = profile.immunize
+    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
+    grads, stats = setup.bilevel.meta_gradient(tasks)
+    _check_finite(stats, step)
+    params = setup.bilevel.params
+    for k, g in grads.items():
+        params[k].grad = g.to(params[k].dtype)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def _check_finite(stats: StepStats, step: int) -> None:
+    values = [stats.outer_loss, stats.prior_loss, stats.grad_norm, *stats.inner_loss.values()]
+    if not all(np.isfinite(values)):
+        raise ImmunizationError(f"non-finite loss or gradient at step {step}; the last good checkpoint is kept")
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def changed_names(setup: Setup) -> list[str]:
+    return sorted(set(setup.upper) | (set(setup.lower) if setup.spec.algorithm == "alternating" else set()))
+
+
+def save_checkpoint(run_dir: Path, setup: Setup, opt, step: int) -> Path:
+    """Write ``checkpoints/step-<k>/`` (changed parameters as safetensors + optimiser state), then point
+    ``checkpoints/latest`` at it atomically and drop older ones."""
+    from safetensors.torch import save_file
+
+    ck = run_dir / "checkpoints"
+    folder = ck / f"step-{step:07d}"
+    tmp = ck / f".tmp-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = dict(setup.pipe.unet.named_parameters())
+    save_file({k: params[k].detach().contiguous().cpu() for k in changed_names(setup)}, tmp / "unet_changed.safetensors",
+              metadata={"step": str(step)})
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    pointer = ck / "latest.tmp"
+    pointer.write_text(folder.name)
+    os.replace(pointer, ck / "latest")
+    for old in ck.glob("step-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(run_dir: Path, setup: Setup, opt) -> int:
+    """Restore the latest checkpoint; returns its step (0 if none)."""
+    from safetensors.torch import load_file
+
+    ck = run_dir / "checkpoints"
+    if not (ck / "latest").exists():
+        return 0
+    folder = ck / (ck / "latest").read_text().strip()
+    tensors = load_file(folder / "unet_changed.safetensors")
+    params = dict(setup.pipe.unet.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    return int(folder.name.split("-")[1])
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def log_samples(logger, setup: Setup, profile: Profile, step: int) -> None:
+    from PIL import Image
+
+    from ..sampling import generate
+
+    for name, prompt in setup.samples:
+        imgs = generate(setup.pipe, prompt, SAMPLE_SEEDS, profile.model.sample_steps, profile.model.guidance)
+        logger.log_image(f"samples/{name}", step, Image.fromarray(np.concatenate(list(imgs), axis=1)), concept=name)
+
+
+def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: int = 0, opt=None,
+             progress=None, interrupt=None) -> int:
+    """Steps ``start_step+1 .. steps``; returns the last step done. Ctrl-C (``interrupt.hit``, checked between steps)
+    checkpoints the last finished step, then raises ``KeyboardInterrupt``."""
+    s = profile.immunize
+    step_fn = alternating_step if setup.spec.algorithm == "alternating" else bilevel_step
+    params = dict(setup.pipe.unet.named_parameters())
+    dev = next(iter(params.values())).device
+    step = start_step
+    try:
+        for step in range(start_step + 1, s.steps + 1):
+            t0 = time.perf_counter()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            stats = step_fn(setup, opt, profile, step)
+            for name, v in stats.inner_loss.items():
+                logger.log_scalar(f"inner_loss/{name}", v, step, concept=name)
+            logger.log_scalar("outer_loss", stats.outer_loss, step)
+            logger.log_scalar("prior_loss", stats.prior_loss, step)
+            logger.log_scalar("merge_residual", stats.merge_residual, step)
+            logger.log_scalar("grad_norm", stats.grad_norm, step)
+            logger.log_scalar("step_seconds", time.perf_counter() - t0, step)
+            if dev.type == "cuda":
+                logger.log_scalar("peak_memory_mb", torch.cuda.max_memory_allocated(dev) / 2**20, step)
+            logger.progress(step, s.steps)
+            if progress:
+                progress("immunize", step, s.steps, {"outer": stats.outer_loss})
+            if s.sample_every and step % s.sample_every == 0:
+                log_samples(logger, setup, profile, step)
+            if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.steps:
+                save_checkpoint(run_dir, setup, opt, step)
+            if interrupt is not None and interrupt.hit:
+                save_checkpoint(run_dir, setup, opt, step)
+                raise KeyboardInterrupt
+    except ImmunizationError:
+        save_checkpoint(run_dir, setup, opt, step - 1)
+        raise
+    return step
+
+
+def make_optimizer(setup: Setup, profile: Profile):
+    params = dict(setup.pipe.unet.named_parameters())
+    s = profile.immunize
+    return torch.optim.AdamW([params[k] for k in setup.upper], lr=s.outer_lr, weight_decay=s.weight_decay,
+                             maximize=True)
+
+
+class _DeferredInterrupt:
+    """Ctrl-C sets a flag that the loop checks between steps, so a checkpoint never holds a half-applied step."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def find_erase_run(runs_dir: Path, profile_name: str | None, group: str | None, base: str) -> Path | None:
+    """The newest finished erase run of this profile, group and base model."""
+    from ..runs import list_runs
+
+    for st in reversed(list_runs(runs_dir)):
+        if (st.get("kind") == "erase" and st.get("state") == "finished" and st.get("group") == group
+                and st.get("profile") == profile_name and (st.get("extra") or {}).get("base") == base):
+            return Path(runs_dir) / st["id"]
+    return None
+
+
+def immunize(profile: Profile, *, runs_dir: str | Path, group: str | None = None, method: str | None = None,
+             profile_name: str | None = None, parent: str | None = None, device: str | None = None,
+             resume: str | None = None, progress=None) -> Path:
+    """Immunize the group's target concepts with ``method`` (default ``[immunize] method``); returns the run dir.
+
+    ``parent``: the model to start from (a run id / run dir / model reference). Default: the newest finished
+    erase run of this profile and group when ``[erase] method = "uce"`` (one is made first if there is none), else
+    ``[model] base``. ``resume``: the id of an interrupted run to continue from its last checkpoint.
+    """
+    from ..models import load_pipeline, model_hash, pick_device, pick_dtype, save_model
+    from ..runs import RunWriter, find_run, read_status
+
+    runs_dir = Path(runs_dir)
+    if resume:
+        run_dir = find_run(runs_dir, resume)
+        st = read_status(run_dir)
+        if st.get("kind") != "immunize":
+            raise ImmunizationError(f"{run_dir.name} is not an immunization run (kind {st.get('kind')!r})")
+        from ..profile import load_profile
+
+        profile = load_profile(run_dir / "profile.toml")
+        group, method, parent = st.get("group"), st.get("method"), st.get("parent")
+        profile_name = st.get("profile")
+    method = method or profile.immunize.method
+    spec = get_method(method)
+    grp = profile.group(group) if group else None
+    targets = list(grp.targets) if grp else list(profile.concepts)
+    others = list(grp.others) if grp else []
+    if spec.tasks == "single":
+        name = profile.immunize.imma_concept or targets[0].name
+        chosen = [c for c in targets if c.name == name]
+        if not chosen:
+            raise ImmunizationError(f"immunize.imma_concept {name!r} is not a target of group {group!r}")
+        others = [c for c in targets if c.name != name] + others
+        targets = chosen
+    base = profile.model.base
+    if parent is None and profile.erase.method == "uce":
+        found = find_erase_run(runs_dir, profile_name, group, base)
+        if found is None:
+            from ..erase import erase
+
+            found = erase(profile, runs_dir=runs_dir, group=group, profile_name=profile_name, device=device,
+                          progress=progress)
+        parent = str(found)
+    parent_ref = parent or base
+    dev = pick_device(device or profile.model.device)
+    dtype = pick_dtype(profile.model.dtype)
+    pipe = load_pipeline(parent_ref, dev, dtype)
+    parent_id = Path(parent_ref).name if Path(parent_ref).is_dir() and (Path(parent_ref) / "status.json").exists() else None
+    base_pipe_cache: dict = {}
+
+    def base_pipe():
+        if "p" not in base_pipe_cache:
+            base_pipe_cache["p"] = load_pipeline(base, dev, dtype)
+        return base_pipe_cache["p"]
+
+    setup = prepare(pipe, profile, spec, targets, others, base_pipe, runs_dir / ".cache", progress)
+    if profile.immunize.gradient == "exact" and spec.algorithm == "bilevel":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())  # SDPA kernels have no double backward
+    opt = make_optimizer(setup, profile)
+    writer = RunWriter(
+        runs_dir, "immunize", method=method, profile=profile if not resume else None, profile_name=profile_name,
+        group=group, concepts=[c.name for c in targets], parent=parent_id or (None if parent_ref == base else parent_ref),
+        base_model_hash=model_hash(pipe), run_id=resume, resume=bool(resume),
+        extra={"parent_model": str(parent_ref), "base": base, "anchor": profile.immunize.merge.anchor,
+               "gradient": profile.immunize.gradient, "lower": setup.lower and (spec.lower or profile.immunize.lower_set),
+               "upper": spec.upper or profile.immunize.upper_set, "others": [c.name for c in others]},
+    )
+    with writer:
+        start = load_checkpoint(writer.dir, setup, opt) if resume else 0
+        writer.log_status(f"{method}: {len(targets)} target(s), steps {start + 1}..{profile.immunize.steps}, "
+                          f"merge anchor {profile.immunize.merge.anchor}, gradient {profile.immunize.gradient}"
+                          + (" (LABELLED REPRODUCTION of the released code's scheme)" if spec.algorithm == "alternating" else ""))
+        with _DeferredInterrupt() as intr:
+            run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
+        pipe.unet.set_default_attn_processor() if profile.immunize.gradient == "exact" else None
+        for p in pipe.unet.parameters():
+            p.requires_grad_(False)
+        save_model(pipe, writer.dir / "model", base=base, full=False)
+        writer.finish()
+    return writer.dir
