@@ -317,3 +317,43 @@ def test_pretrained_backbones_when_cached(monkeypatch, metric, images, others):
     m = backend.pair_matrix(images, others)
     assert bool((m <= 1 + 1e-5).all()) and bool((m >= -1 - 1e-5).all())
     assert torch.allclose(backend.pair_matrix(images, images).diagonal(), torch.ones(3), atol=1e-5)
+
+
+def test_clip_checkpoint_is_found_in_the_hugging_face_cache(offline, tmp_path):
+    from engine.metrics.clip import resolve_checkpoint
+
+    snapshot = tmp_path / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(b"stub")
+    (tmp_path / "models--timm--vit_base_patch32_clip_224.openai" / "refs").mkdir()
+    (tmp_path / "models--timm--vit_base_patch32_clip_224.openai" / "refs" / "main").write_text("abc123")
+    path, cfg = resolve_checkpoint("ViT-B-32", "openai", cache_dir=tmp_path)
+    assert path == str(snapshot / "open_clip_pytorch_model.bin") and cfg["quick_gelu"] is True
+    given = tmp_path / "mine.bin"
+    given.write_bytes(b"stub")
+    assert resolve_checkpoint("ViT-B-32", "openai", weights=str(given))[0] == str(given)
+
+
+def test_dino_weights_from_a_local_folder(offline, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    tiny = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              patch_size=8, image_size=32), add_pooling_layer=False)
+    tiny.save_pretrained(tmp_path / "tiny-dino")
+    backend = get_backend("dino", {"dino_weights": str(tmp_path / "tiny-dino")})
+    assert not backend.random_init and backend.image_size == 32
+    assert torch.equal(backend.model.embeddings.cls_token, tiny.embeddings.cls_token)
+    assert backend.preprocess(grey(9, h=50, w=70)).shape == (1, 3, 32, 32)
+    assert backend.features(grey(9, n=2)).shape == (2, 32)
+    with pytest.raises(MetricWeightsMissing, match="holds no ViT model"):
+        get_backend("dino", {"dino_weights": str(tmp_path)})
+
+
+def test_lpips_trunk_is_found_in_the_torch_hub_cache(offline, tmp_path):
+    import torchvision
+
+    trunk = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features.")}
+    torch.save(trunk, tmp_path / "alexnet-owt-7be5be79.pth")
+    backend = get_backend("lpips", cache_dir=tmp_path, size=64)
+    assert torch.equal(getattr(backend.model.net.slice2, "3").weight, trunk["features.3.weight"])
