@@ -24,6 +24,7 @@ COMMANDS = (
     "profiles",
     "runs",
     "testbed",
+    "generate",
     "tui_cmd",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""

@@ -378,7 +378,8 @@ def run_attack(job: AttackJob, logger: EventLogger | None = None,
     tags = dict(job.tags, attack=s.method)
 
     batches = Batches(job)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(job.seed)
         trainable = attack.setup(pipe, job)
     ids = prompt_ids(job)
