@@ -105,7 +105,7 @@ class CustomDiffusion:
     adds_token = True
     # diffusers examples/custom_diffusion (README): lr 1e-5 (x batch with --scale_lr), 250 steps, batch 2, prior
     defaults = dict(steps=250, lr=1e-5, batch=2, rank=4, alpha=4.0, prior_preservation=True)
-    testbed_defaults = dict(steps=40, lr=1e-4, batch=2, rank=4, alpha=4.0, prior_preservation=True)
+    testbed_defaults = dict(steps=40, lr=1e-4, batch=1, rank=4, alpha=4.0, prior_preservation=True)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
         if not job.token:

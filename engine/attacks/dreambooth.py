@@ -21,7 +21,7 @@ class DreamBooth:
     adds_token = False
     # diffusers examples/dreambooth/train_dreambooth.py (README): lr 5e-6, 400 steps, batch 1, prior weight 1
     defaults = dict(steps=400, lr=5e-6, batch=1, rank=4, alpha=4.0, prior_preservation=True)
-    testbed_defaults = dict(steps=40, lr=1e-4, batch=2, rank=4, alpha=4.0, prior_preservation=True)
+    testbed_defaults = dict(steps=40, lr=1e-4, batch=1, rank=4, alpha=4.0, prior_preservation=True)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
         unet = pipe.unet

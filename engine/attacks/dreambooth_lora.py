@@ -19,7 +19,7 @@ class DreamBoothLoRA:
     adds_token = False
     # diffusers examples/dreambooth/train_dreambooth_lora.py (README): rank 4, lr 1e-4, 500 steps, batch 1
     defaults = dict(steps=500, lr=1e-4, batch=1, rank=4, alpha=4.0, prior_preservation=True)
-    testbed_defaults = dict(steps=40, lr=1e-3, batch=2, rank=4, alpha=4.0, prior_preservation=True)
+    testbed_defaults = dict(steps=40, lr=1e-3, batch=1, rank=4, alpha=4.0, prior_preservation=True)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
         return add_lora(pipe, job.settings.rank, job.settings.alpha)

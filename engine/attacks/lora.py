@@ -58,7 +58,7 @@ class LoRA:
     adds_token = False
     # paper (re-learning): rank 4, lr 1e-4, 400 steps, batch 4; diffusers train_text_to_image_lora: rank 4, lr 1e-4
     defaults = dict(steps=400, lr=1e-4, batch=4, rank=4, alpha=4.0, prior_preservation=False)
-    testbed_defaults = dict(steps=100, lr=1e-3, batch=4, rank=4, alpha=4.0, prior_preservation=False)
+    testbed_defaults = dict(steps=80, lr=1e-3, batch=4, rank=4, alpha=4.0, prior_preservation=False)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
         return add_lora(pipe, job.settings.rank, job.settings.alpha)

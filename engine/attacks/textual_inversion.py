@@ -22,7 +22,7 @@ class TextualInversion:
     adds_token = True
     # diffusers examples/textual_inversion (README): lr 5e-4, 3000 steps, batch 1 x 4 accumulation
     defaults = dict(steps=3000, lr=5e-4, batch=4, rank=4, alpha=4.0, prior_preservation=False)
-    testbed_defaults = dict(steps=40, lr=5e-3, batch=2, rank=4, alpha=4.0, prior_preservation=False)
+    testbed_defaults = dict(steps=40, lr=5e-3, batch=1, rank=4, alpha=4.0, prior_preservation=False)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
         if not job.token:
