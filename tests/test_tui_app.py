@@ -63,10 +63,10 @@ async def test_run_screen_follows_an_appended_run(demo):
         await until(pilot, lambda: plot_points(screen, "loss") == {"Van Gogh": 4, "Picasso": 4}, what="curves")
         await until(pilot, lambda: {t.step for t in screen._thumbs.values()} == {4}, what="thumbnails")
         thumb = screen._thumbs["eval/Van Gogh"]
-        assert thumb.query(".thumb-image") and "Van Gogh · step 4" in str(thumb.query_one(".thumb-caption").render())
+        assert thumb.query_one(".thumb-image").display and "Van Gogh · step 4" in str(thumb.query_one(".thumb-caption").render())
         table = screen.query_one("#metrics-table")
         await until(pilot, lambda: table.row_count == 4, what="metric rows (2 concepts x steps 2, 4)")
-        assert [str(c.label) for c in table.columns.values()] == ["row", "step", "clip"]
+        assert [str(c.label) for c in table.columns.values()] == ["concept", "step", "clip"]
         header = str(screen.query_one("#run-header").render())
         assert "running" in header and "step 4/20" in header and "twin r3-attack-base" in header
 

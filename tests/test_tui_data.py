@@ -92,8 +92,8 @@ def test_metric_table_pivots_concepts_steps_and_summaries():
         ("Van Gogh", "", "100"),
         ("Picasso", "", "100"),
         ("Van Gogh", "", "200"),
-        ("MRSGR", "group=g2-1", "200"),
         ("MSGR", "group=g2-1", "200"),
+        ("MRSGR", "group=g2-1", "200"),
     ]
     assert table.rows[0][3] == {"clip": 0.21, "lpips": 0.4}
     assert table.rows[2][3] == {"clip": 0.24}

@@ -320,14 +320,15 @@ class MetricTable:
             if metric not in metrics:
                 metrics.append(metric)
 
-        def order(item: tuple[tuple[str, str, str], dict[str, Any]]) -> tuple[int, str, str, float]:
+        def order(item: tuple[tuple[str, str, str], dict[str, Any]]) -> tuple[int, str, float]:
             (row, qualifiers, step), _ = item
             summary = row.lower() in SUMMARY_ROWS
             try:
                 step_n = float(step) if step else -1.0
             except ValueError:
                 step_n = -1.0
-            return (int(summary), row if summary else "", qualifiers, step_n)
+            rank = SUMMARY_ROWS.index(row.lower()) + 1 if summary else 0
+            return (rank, qualifiers, step_n)
 
         # concept rows keep first-seen order within the same qualifiers and step (sort is stable)
         ordered = sorted(rows.items(), key=order)

@@ -41,6 +41,13 @@ def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state, ""))
 
 
+def one_line_each(lines: list[Text]) -> Text:
+    """Lines that are cut with an ellipsis instead of wrapping (so a fixed-height panel stays readable)."""
+    text = Text("\n").join(lines)
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
 class SyncScreen(Screen):
     """A screen that redraws from the app's data when :meth:`sync` is called (at most a few times a second)."""
 
@@ -162,30 +169,30 @@ class RunsScreen(SyncScreen):
             return None
 
     def show_detail(self) -> None:
+        """Three unwrapped lines about the highlighted run: id; error or last message; step and links."""
         run_id = self.highlighted()
         summary = self.tui.summaries.get(run_id) if run_id else None
         detail = self.query_one("#runs-detail", Static)
         if summary is None:
-            detail.update("[dim]no run selected · runs appear here as soon as they start[/]")
+            detail.update(Text("no run selected · runs appear here as soon as they start", style="dim"))
             return
-        lines = [f"[b]{escape(summary.id)}[/b]"]
-        links = []
-        cells = self.row_cells(summary)
-        if cells["_steps"]:
-            links.append(f"step {cells['_steps']}")
+        lines = [Text(summary.id, style="bold")]
+        if summary.get("error"):
+            lines.append(Text(f"error: {summary.get('error')}", style="red"))
+        else:
+            lines.append(Text(summary.last_message or "", style="dim"))
+        facts = []
+        steps = self.row_cells(summary)["_steps"]
+        if steps:
+            facts.append(f"step {steps}")
         for key in ("twin", "parent"):
             if summary.get(key):
-                links.append(f"{key} {escape(str(summary.get(key)))}")
+                facts.append(f"{key} {summary.get(key)}")
         concepts = summary.get("concepts") or []
         if concepts:
-            links.append("concepts " + escape(", ".join(map(str, concepts))))
-        if links:
-            lines.append(" · ".join(links))
-        if summary.get("error"):
-            lines.append(f"[red]error: {escape(str(summary.get('error')))}[/]")
-        elif summary.last_message:
-            lines.append(f"[dim]{escape(summary.last_message)}[/]")
-        detail.update("\n".join(lines))
+            facts.append("concepts " + ", ".join(map(str, concepts)))
+        lines.append(Text(" · ".join(facts)))
+        detail.update(one_line_each(lines))
 
     @on(DataTable.RowHighlighted)
     def _highlighted(self) -> None:
@@ -338,10 +345,7 @@ class RunScreen(SyncScreen):
         else:
             last = data.messages[-1].text if data is not None and data.messages else (s.last_message if s else None)
             line3 = Text(" · ".join(([f"» {last}"] if last else []) + links), style="dim")
-        for line in (line1, line2, line3):
-            line.no_wrap = True
-            line.overflow = "ellipsis"
-        self.query_one("#run-header", Static).update(Text("\n").join([line1, line2, line3]))
+        self.query_one("#run-header", Static).update(one_line_each([line1, line2, line3]))
 
     def show_curves(self, data: RunData) -> None:
         groups = data.scalar_groups()
@@ -364,7 +368,7 @@ class RunScreen(SyncScreen):
                 thumb = self._thumbs[key] = Thumbnail(self.tui.image_class, ref.label)
                 grid.mount(thumb)
             caption = f"{ref.label} · step {ref.step}" if ref.step is not None else ref.label
-            self.call_after_refresh(thumb.show, caption, ref.path, ref.step)
+            thumb.show(caption, ref.path, ref.step)
         self.query_one("#samples .empty").display = not data.images
 
     def show_metrics(self, data: RunData) -> None:
@@ -379,7 +383,7 @@ class RunScreen(SyncScreen):
         table.clear(columns=True)
         if not metrics.rows:
             return
-        table.add_column("row")
+        table.add_column("concept")
         if metrics.has_qualifiers:
             table.add_column("for")
         table.add_column("step")
@@ -445,7 +449,7 @@ class RunScreen(SyncScreen):
                     grid.mount(thumb)
                 ref = refs.get(label)
                 caption = f"{who}: {label}" + (f" · step {ref.step}" if ref and ref.step is not None else "")
-                self.call_after_refresh(thumb.show, caption, ref.path if ref else None, ref.step if ref else None)
+                thumb.show(caption, ref.path if ref else None, ref.step if ref else None)
         grid.display = bool(mine or theirs)
         # curves: the primary groups, both runs overlaid
         plots = self.query_one("#compare-plots", Grid)
@@ -470,7 +474,7 @@ class RunScreen(SyncScreen):
         table.clear(columns=True)
         if not (a or b):
             return
-        for column in ("row", "metric", "this", "twin", "Δ this−twin"):
+        for column in ("concept", "metric", "this", "twin", "Δ this−twin"):
             table.add_column(column)
         for key in dict.fromkeys([*a, *b]):
             row, qualifiers, metric = key
@@ -486,6 +490,7 @@ class RunScreen(SyncScreen):
                 Text(fmt_value(vb), justify="right"),
                 Text(delta, justify="right"),
             )
+        table.styles.height = table.row_count + 1
 
     # -- actions --------------------------------------------------------------------------------
 

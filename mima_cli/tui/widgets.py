@@ -165,7 +165,10 @@ class CurvePlot(PlotextPlot):
 
 
 class Thumbnail(Vertical):
-    """The latest image of one name, with its label and step."""
+    """The latest image of one name, with its label and step.
+
+    Its children are fixed (caption, placeholder, image); :meth:`show` only updates them and toggles
+    which one is displayed, so it can be called at any time, even before the widget is mounted."""
 
     DEFAULT_CSS = """
     Thumbnail { width: 28; height: auto; padding: 0 1; }
@@ -180,30 +183,48 @@ class Thumbnail(Vertical):
         self.caption = caption
         self.path: Path | None = None
         self.step: int | None = None
+        self.image: Any = None
+        self._shown: tuple[Any, ...] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(self.caption, classes="thumb-caption", markup=False)
-        yield Static("no image yet", classes="thumb-missing")
+        yield Static("no image yet", classes="thumb-missing", markup=False)
+        if self.image_class is not None:
+            image = self.image_class(None, classes="thumb-image")
+            image.display = False
+            yield image
+
+    def on_mount(self) -> None:
+        self._apply()
 
     def show(self, caption: str, path: Path | None, step: int | None) -> None:
-        """Show ``path`` (reloaded only when the path or step changed)."""
-        self.query_one(".thumb-caption", Static).update(caption)
-        if path == self.path and step == self.step:
+        """Show ``path`` (read again only when the path or step changed)."""
+        self.caption = caption
+        if path != self.path or step != self.step or (path is not None and self.image is None):
+            self.path, self.step = path, step
+            self.image = load_thumbnail(path) if path is not None and self.image_class is not None else None
+        if self.is_mounted:
+            self._apply()
+
+    @property
+    def note(self) -> str:
+        if self.image is not None:
+            return ""
+        if self.path is None:
+            return "no image yet"
+        return "images off" if self.image_class is None else "image missing"
+
+    def _apply(self) -> None:
+        state = (self.caption, self.path, self.step, id(self.image))
+        if state == self._shown:
             return
-        self.path, self.step = path, step
-        image = load_thumbnail(path) if path is not None else None
-        old = self.query(".thumb-image, .thumb-missing")
-        if image is None or self.image_class is None:
-            text = "no image yet" if path is None else ("images off" if self.image_class is None else "image missing")
-            if isinstance(old.first(), Static) and old.first().has_class("thumb-missing"):
-                old.first(Static).update(text)
-                return
-            old.remove()
-            self.mount(Static(text, classes="thumb-missing"))
-            return
-        current = old.first()
-        if current.has_class("thumb-image"):
-            current.image = image  # type: ignore[attr-defined]
-            return
-        old.remove()
-        self.mount(self.image_class(image, classes="thumb-image"))
+        self._shown = state
+        self.query_one(".thumb-caption", Static).update(self.caption)
+        placeholder = self.query_one(".thumb-missing", Static)
+        placeholder.update(self.note)
+        placeholder.display = self.image is None
+        if self.image_class is not None:
+            widget = self.query_one(".thumb-image")
+            if self.image is not None:
+                widget.image = self.image  # type: ignore[attr-defined]
+            widget.display = self.image is not None
