@@ -76,6 +76,18 @@ def test_latest_image_per_name_and_messages(tmp_path):
     assert data.message_count == 3 and data.t0 == 100.0
 
 
+def test_images_of_one_step_with_seeds_form_a_strip(tmp_path):
+    data = RunData("r", tmp_path)
+    for step in (0, 50):
+        for seed in (2, 0, 1):
+            data.apply([ev("image", "eval/Van Gogh", step=step, path=f"samples/{step}-{seed}.png", tags={"concept": "Van Gogh", "seed": seed})])
+    data.apply([ev("image", "eval/Van Gogh", step=10, path="samples/late.png", tags={"seed": 0})])  # older: ignored
+    ref = data.images["eval/Van Gogh"]
+    assert ref.step == 50 and ref.seeds == [0, 1, 2]
+    assert [p.name for p in ref.paths] == ["50-0.png", "50-1.png", "50-2.png"]
+    assert ref.caption == "Van Gogh · step 50 · 3 seeds"
+
+
 def test_metric_table_pivots_concepts_steps_and_summaries():
     events = [
         ev("metric", "clip/Van Gogh", 0.21, 100, tags={"concept": "Van Gogh", "metric": "clip"}),

@@ -151,16 +151,34 @@ class RunSummary:
 # -------------------------------------------------------------------------------------------- run data
 
 
+MAX_STRIP = 8
+"""At most this many images of one name and step are shown side by side (e.g. one per evaluation seed)."""
+
+
 @dataclass
 class ImageRef:
-    """The latest image logged under one name."""
+    """The images logged under one name at its latest step: one, or one per seed (tag ``seed``)."""
 
     name: str
     label: str
     step: int | None
-    path: Path
+    paths: list[Path]
     count: int = 1
     tags: dict[str, Any] = field(default_factory=dict)
+    seeds: list[Any] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+    @property
+    def caption(self) -> str:
+        parts = [self.label]
+        if self.step is not None:
+            parts.append(f"step {self.step}")
+        if len(self.paths) > 1:
+            parts.append(f"{len(self.paths)} seeds")
+        return " · ".join(parts)
 
 
 @dataclass
@@ -174,6 +192,10 @@ class LogLine:
 def _tags(event: dict[str, Any]) -> dict[str, Any]:
     tags = event.get("tags")
     return tags if isinstance(tags, dict) else {}
+
+
+def _seed_order(seed: Any) -> tuple[int, Any]:
+    return (0, seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else (1, str(seed))
 
 
 def series_key(event: dict[str, Any]) -> str:
@@ -239,14 +261,23 @@ class RunData:
             if not isinstance(path, str):
                 return
             key = series_key(event)
-            previous = self.images.get(key)
-            if previous is not None and previous.step is not None and step is not None and step < previous.step:
-                previous.count += 1
-                return
             tags = _tags(event)
+            previous = self.images.get(key)
+            if previous is not None:
+                previous.count += 1
+                if step is not None and previous.step is not None and step < previous.step:
+                    return  # an older image logged late
+                if step == previous.step:  # another seed of the same step: show them side by side
+                    seed = tags.get("seed", len(previous.paths))
+                    if len(previous.paths) < MAX_STRIP and seed not in previous.seeds:
+                        at = sorted([*previous.seeds, seed], key=_seed_order).index(seed)
+                        previous.seeds.insert(at, seed)
+                        previous.paths.insert(at, self.dir / path)
+                    return
             label = str(tags.get("concept") or split_series(key)[1])
             self.images[key] = ImageRef(
-                key, label, step, self.dir / path, (previous.count + 1) if previous else 1, tags
+                key, label, step, [self.dir / path], (previous.count if previous else 1), tags,
+                [tags.get("seed", 0)],
             )
         elif kind == "metric":
             tags = _tags(event)

@@ -23,6 +23,7 @@ from pathlib import Path
 from engine.runs import RunWriter
 
 CONCEPTS = ("Van Gogh", "Picasso")
+EVAL_SEEDS = (0, 1, 2)
 PALETTES = {"Van Gogh": ((30, 60, 160), (240, 200, 40)), "Picasso": ((170, 60, 40), (90, 150, 190))}
 
 
@@ -44,6 +45,17 @@ def concept_image(concept: str, clarity: float, seed: int, size: int = 64):
             pixels.append(tuple(int(clarity * clean[c] + (1 - clarity) * noise[c]) for c in range(3)))
     image.putdata(pixels)
     return image
+
+
+def hstack(images):
+    from PIL import Image
+
+    strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width
+    return strip
 
 
 class Demo:
@@ -107,12 +119,18 @@ class Demo:
         for run, immunized in ((self.attack, True), (self.base_attack, False)):
             for i, concept in enumerate(self.concepts):
                 floor = 0.55 if immunized else 0.12
-                run.log_scalar(f"loss/{concept}", floor + 0.4 * math.exp(-5 * frac) + 0.03 * i + self.noise(), step, concept=concept)
+                loss = floor + 0.4 * math.exp(-5 * frac) + 0.03 * i + self.noise()
+                run.log_scalar(f"loss/{concept}", loss, step, concept=concept, attack="lora")
         if step % self.sample_every == 0 or step == self.steps:
             for concept in self.concepts:
-                imm.log_image(f"samples/{concept}", step, concept_image(concept, max(0.0, 1 - 1.2 * frac), step), concept=concept)
-                self.attack.log_image(f"eval/{concept}", step, concept_image(concept, 0.15 * frac, step), concept=concept)
-                self.base_attack.log_image(f"eval/{concept}", step, concept_image(concept, min(1.0, 1.5 * frac), step), concept=concept)
+                # like the engine: immunize samples are one strip of SAMPLE_SEEDS images, attack
+                # evaluations one image per seed (tag `seed`)
+                strip = [concept_image(concept, max(0.0, 1 - 1.2 * frac), step * 10 + s) for s in range(4)]
+                imm.log_image(f"samples/{concept}", step, hstack(strip), concept=concept)
+                for seed in EVAL_SEEDS:
+                    tags = dict(concept=concept, attack="lora", seed=seed)
+                    self.attack.log_image(f"eval/{concept}", step, concept_image(concept, 0.15 * frac, seed), **tags)
+                    self.base_attack.log_image(f"eval/{concept}", step, concept_image(concept, min(1.0, 1.5 * frac), seed), **tags)
         if step % self.eval_every == 0 or step == self.steps:
             self.evaluate.log_status(f"evaluating attack checkpoints at step {step}")
             for concept in self.concepts:

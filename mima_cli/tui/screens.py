@@ -255,7 +255,7 @@ class RunScreen(SyncScreen):
             with TabPane("1 Curves", id="curves"):
                 yield VerticalScroll(Static("waiting for scalars…", classes="empty"), Grid(id="plots"), id="curves-scroll")
             with TabPane("2 Samples", id="samples"):
-                yield VerticalScroll(Static("waiting for images…", classes="empty"), Grid(id="thumbs"), id="samples-scroll")
+                yield VerticalScroll(Static("waiting for images…", classes="empty"), Vertical(id="thumbs"), id="samples-scroll")
             with TabPane("3 Metrics", id="metrics"):
                 yield Static("waiting for metrics (they land as evaluations finish)…", classes="empty")
                 yield DataTable(id="metrics-table", zebra_stripes=True, cursor_type="row")
@@ -264,8 +264,8 @@ class RunScreen(SyncScreen):
             with TabPane("5 Compare", id="compare"):
                 with VerticalScroll(id="compare-scroll"):
                     yield Static(id="compare-title")
-                    yield DataTable(id="compare-table", zebra_stripes=True, cursor_type="row")
-                    yield Grid(id="compare-thumbs")
+                    yield DataTable(id="compare-table", zebra_stripes=True, show_cursor=False)
+                    yield Vertical(id="compare-thumbs")
                     yield Grid(id="compare-plots")
         yield Footer()
 
@@ -361,14 +361,13 @@ class RunScreen(SyncScreen):
         self.query_one("#curves .empty").display = not groups
 
     def show_samples(self, data: RunData) -> None:
-        grid = self.query_one("#thumbs", Grid)
+        box = self.query_one("#thumbs")
         for key, ref in data.images.items():
             thumb = self._thumbs.get(key)
             if thumb is None:
-                thumb = self._thumbs[key] = Thumbnail(self.tui.image_class, ref.label)
-                grid.mount(thumb)
-            caption = f"{ref.label} · step {ref.step}" if ref.step is not None else ref.label
-            thumb.show(caption, ref.path, ref.step)
+                thumb = self._thumbs[key] = Thumbnail(self.tui.image_class, ref.caption)
+                box.mount(thumb)
+            thumb.show(ref.caption, ref.paths, ref.step)
         self.query_one("#samples .empty").display = not data.images
 
     def show_metrics(self, data: RunData) -> None:
@@ -437,20 +436,21 @@ class RunScreen(SyncScreen):
                 *( [("  (twin not found in the runs directory)", "magenta")] if twin_summary is None else [] ),
             )
         )
-        # thumbnails: one row per label, this run on the left, the twin on the right
-        grid = self.query_one("#compare-thumbs", Grid)
+        # thumbnails: per image name, this run's above the twin's (seeds line up column by column)
+        box = self.query_one("#compare-thumbs")
         mine = {ref.label: ref for ref in (data.images.values() if data else ())}
         theirs = {ref.label: ref for ref in (twin_data.images.values() if twin_data else ())}
         for label in list(dict.fromkeys([*mine, *theirs])):
-            for side, refs, who in (("this", mine, "this"), ("twin", theirs, "twin")):
+            for side, refs in (("this", mine), ("twin", theirs)):
                 thumb = self._compare_thumbs.get((label, side))
                 if thumb is None:
                     thumb = self._compare_thumbs[(label, side)] = Thumbnail(self.tui.image_class, label)
-                    grid.mount(thumb)
+                    thumb.add_class(f"-{side}")
+                    box.mount(thumb)
                 ref = refs.get(label)
-                caption = f"{who}: {label}" + (f" · step {ref.step}" if ref and ref.step is not None else "")
-                thumb.show(caption, ref.path if ref else None, ref.step if ref else None)
-        grid.display = bool(mine or theirs)
+                caption = f"{side}: " + (ref.caption if ref else f"{label} · no image yet")
+                thumb.show(caption, ref.paths if ref else (), ref.step if ref else None)
+        box.display = bool(mine or theirs)
         # curves: the primary groups, both runs overlaid
         plots = self.query_one("#compare-plots", Grid)
         mine_g = data.scalar_groups() if data else {}

@@ -22,8 +22,8 @@ IMAGE_MODES = ("auto", "halfcell", "sixel", "tgp", "unicode", "none")
 terminal, over SSH and in tmux; ``sixel`` / ``tgp`` (kitty) are sharper where the terminal has them;
 ``auto`` asks the terminal, except inside tmux/screen and when not on a terminal (half blocks)."""
 
-THUMB_PIXELS = 96
-"""Thumbnails are scaled to at most this many pixels on a side when loaded (enough for any cell size)."""
+THUMB_PIXELS = 64
+"""Images are scaled to this many pixels high when loaded (more than any thumbnail shows)."""
 
 
 def in_multiplexer(env: Mapping[str, str] = os.environ) -> bool:
@@ -70,16 +70,29 @@ def image_widget_class(mode: str) -> type[Widget] | None:
     }[mode]
 
 
-def load_thumbnail(path: Path) -> Any:
-    """The image at ``path`` as a small RGB PIL image, or None if it can't be read (yet, or any more)."""
-    try:
-        from PIL import Image
+def load_strip(paths: list[Path] | tuple[Path, ...]) -> Any:
+    """The images at ``paths`` scaled to :data:`THUMB_PIXELS` high and put side by side (one RGB PIL
+    image), or None if none can be read (not written yet, or deleted)."""
+    from PIL import Image
 
-        with Image.open(path) as im:
-            im.thumbnail((THUMB_PIXELS, THUMB_PIXELS))
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError):
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                width = max(1, round(im.width * THUMB_PIXELS / max(im.height, 1)))
+                images.append(im.resize((width, THUMB_PIXELS)))
+        except (OSError, ValueError, SyntaxError):
+            continue
+    if not images:
         return None
+    gap = 2 if len(images) > 1 else 0
+    strip = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), THUMB_PIXELS))
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width + gap
+    return strip
 
 
 # ---------------------------------------------------------------------------------------- curves
@@ -165,23 +178,24 @@ class CurvePlot(PlotextPlot):
 
 
 class Thumbnail(Vertical):
-    """The latest image of one name, with its label and step.
+    """The latest image(s) of one name, with a caption; several seeds of one step side by side.
 
     Its children are fixed (caption, placeholder, image); :meth:`show` only updates them and toggles
-    which one is displayed, so it can be called at any time, even before the widget is mounted."""
+    which one is displayed, so it can be called at any time, even before the widget is mounted. The
+    image keeps its aspect ratio: its height is set in CSS, its width follows."""
 
     DEFAULT_CSS = """
-    Thumbnail { width: 28; height: auto; padding: 0 1; }
+    Thumbnail { width: 1fr; height: auto; padding: 0 1; }
     Thumbnail > .thumb-caption { width: 1fr; height: 1; text-style: bold; }
-    Thumbnail > .thumb-image { width: 26; height: 13; }
-    Thumbnail > .thumb-missing { width: 26; height: 13; color: $text-muted; content-align: center middle; border: round $panel; }
+    Thumbnail > .thumb-image { width: auto; height: 8; }
+    Thumbnail > .thumb-missing { width: auto; height: 1; color: $text-muted; }
     """
 
     def __init__(self, image_class: type[Widget] | None, caption: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_class = image_class
         self.caption = caption
-        self.path: Path | None = None
+        self.paths: tuple[Path, ...] = ()
         self.step: int | None = None
         self.image: Any = None
         self._shown: tuple[Any, ...] | None = None
@@ -197,12 +211,13 @@ class Thumbnail(Vertical):
     def on_mount(self) -> None:
         self._apply()
 
-    def show(self, caption: str, path: Path | None, step: int | None) -> None:
-        """Show ``path`` (read again only when the path or step changed)."""
+    def show(self, caption: str, paths: list[Path] | tuple[Path, ...], step: int | None) -> None:
+        """Show ``paths`` (read again only when they or the step changed, or could not be read)."""
         self.caption = caption
-        if path != self.path or step != self.step or (path is not None and self.image is None):
-            self.path, self.step = path, step
-            self.image = load_thumbnail(path) if path is not None and self.image_class is not None else None
+        paths = tuple(paths)
+        if paths != self.paths or step != self.step or (paths and self.image is None):
+            self.paths, self.step = paths, step
+            self.image = load_strip(paths) if paths and self.image_class is not None else None
         if self.is_mounted:
             self._apply()
 
@@ -210,12 +225,12 @@ class Thumbnail(Vertical):
     def note(self) -> str:
         if self.image is not None:
             return ""
-        if self.path is None:
+        if not self.paths:
             return "no image yet"
-        return "images off" if self.image_class is None else "image missing"
+        return "(images off: --images)" if self.image_class is None else "image missing"
 
     def _apply(self) -> None:
-        state = (self.caption, self.path, self.step, id(self.image))
+        state = (self.caption, self.paths, self.step, id(self.image))
         if state == self._shown:
             return
         self._shown = state
