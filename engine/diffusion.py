@@ -54,8 +54,18 @@ def eos_index(tokenizer, prompt: str) -> int:
 @torch.no_grad()
 def concept_rows(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
     """The rows of ``prompt``'s token embeddings after BOS up to and including EOS: ``[l, c]``."""
-    emb = encode_prompts(text_encoder, tokenizer, [prompt])[0]
-    return emb[1 : eos_index(tokenizer, prompt) + 1]
+    return prompts_rows(text_encoder, tokenizer, [prompt])[0]
+
+
+@torch.no_grad()
+def prompts_rows(text_encoder, tokenizer, prompts: list[str], batch: int = 64) -> list[torch.Tensor]:
+    """:func:`concept_rows` of many prompts, encoded in batches."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i : i + batch])
+        emb = encode_prompts(text_encoder, tokenizer, chunk)
+        out += [e[1 : eos_index(tokenizer, p) + 1] for e, p in zip(emb, chunk)]
+    return out
 
 
 def draw_noise(latents: torch.Tensor, generator: torch.Generator, num_train_timesteps: int = 1000):

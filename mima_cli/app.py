@@ -25,6 +25,7 @@ COMMANDS = (
     "runs",
     "testbed",
     "generate",
+    "immunize",
     "tui_cmd",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""

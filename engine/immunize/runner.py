@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data import load_image_set
-from ..diffusion import concept_rows, encode_images, encode_prompts, training_scheduler
+from ..diffusion import concept_rows, encode_images, encode_prompts, prompts_rows, training_scheduler
 from ..editing import merge_projector
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
@@ -131,7 +131,7 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
     projector = None
     if spec.merge and len(concepts) > 1 and kv or spec.algorithm == "alternating":
         captions = profile.regularization_captions()
-        reg_rows = torch.cat([concept_rows(pipe.text_encoder, pipe.tokenizer, cap) for cap in captions])
+        reg_rows = torch.cat(prompts_rows(pipe.text_encoder, pipe.tokenizer, captions))
         projector = merge_projector([c.rows for c in concepts], reg_rows, s.merge.ridge, s.merge.mu)
     samples = [(c.name, c.prompt) for c in targets] + [(c.name, c.prompt) for c in others[:1]]
     for name, p in unet.named_parameters():
@@ -428,7 +428,8 @@ def immunize(profile: Profile, *, runs_dir: str | Path, group: str | None = None
                           f"merge anchor {profile.immunize.merge.anchor}, gradient {profile.immunize.gradient}"
                           + (" (LABELLED REPRODUCTION of the released code's scheme)" if spec.algorithm == "alternating" else ""))
         with _DeferredInterrupt() as intr:
-            run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
+            last = run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
+        save_checkpoint(writer.dir, setup, opt, last)
         pipe.unet.set_default_attn_processor() if profile.immunize.gradient == "exact" else None
         for p in pipe.unet.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,88 @@
+"""``mima erase`` and ``mima immunize``: closed-form UCE erasure and bi-level immunization of a profile's group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mima_cli.console import console, fail
+from mima_cli.options import SET_OPTION, load_profile_for, runs_dir
+from mima_cli.progress import stage_bars
+
+DEFAULT_PROFILE = "testbed"
+PROFILE_OPTION = typer.Option(DEFAULT_PROFILE, "--profile", "-p",
+                              help="Profile file or shipped profile name (default: the testbed profile).")
+GROUP_OPTION = typer.Option(None, "--group", "-g", help="Group of target concepts (default: the profile's first group).")
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: [model] device).")
+
+
+def _group(profile, group: str | None) -> str | None:
+    if group is None and profile.groups:
+        return next(iter(profile.groups))
+    return group
+
+
+def erase_cmd(
+    ctx: typer.Context,
+    profile: str = PROFILE_OPTION,
+    group: str = GROUP_OPTION,
+    set_: list[str] = SET_OPTION,
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Erase the group's target concepts (or [erase] concepts) from the base model with UCE; writes a run.
+
+    Example: mima erase --profile testbed --group g3-1
+    """
+    from engine.erase import erase
+
+    p = load_profile_for(ctx, profile, set_)
+    if p.erase.method != "uce":
+        fail(f"{profile}: erase.method is {p.erase.method!r}; use --set erase.method=uce", 2)
+    with stage_bars() as bars:
+        run_dir = erase(p, runs_dir=runs_dir(ctx), group=_group(p, group), profile_name=profile, device=device,
+                        progress=bars)
+    console.print(f"erased model: {run_dir / 'model'}  (run {run_dir.name})")
+
+
+def immunize_cmd(
+    ctx: typer.Context,
+    profile: str = PROFILE_OPTION,
+    method: str = typer.Option(None, "--method", "-m", help="mima, jt, cp, imma or alternating (default: [immunize] method)."),
+    group: str = GROUP_OPTION,
+    set_: list[str] = SET_OPTION,
+    steps: int = typer.Option(None, "--steps", help="Outer steps (overrides [immunize] steps)."),
+    gradient: str = typer.Option(None, "--gradient", help="exact, fd or first-order (overrides [immunize] gradient)."),
+    parent: str = typer.Option(None, "--parent", help="Start from this run or model instead of the erased/base model."),
+    device: str = DEVICE_OPTION,
+    resume: str = typer.Option(None, "--resume", help="Continue an interrupted immunization run from its checkpoint."),
+) -> None:
+    """Immunize a group of target concepts so that fine-tuning on them fails (MIMA, Algorithm 1, or a baseline).
+
+    Starts from the UCE-erased model when [erase] method = "uce" (erasing first if needed), else from [model] base.
+    The immunized model lands in runs/<id>/model; open it with engine.models.load_pipeline("runs/<id>").
+
+    Example: mima immunize --profile testbed --method mima
+    """
+    from engine.immunize import get_method
+    from engine.immunize.runner import ImmunizationError, immunize
+    from engine.runs import RunNotFound
+
+    p = load_profile_for(ctx, profile, set_, {"steps": "immunize.steps", "gradient": "immunize.gradient"})
+    if method is not None:
+        try:
+            get_method(method)
+        except ValueError as e:
+            fail(e, 2)
+    try:
+        with stage_bars() as bars:
+            run_dir = immunize(p, runs_dir=runs_dir(ctx), group=_group(p, group), method=method, profile_name=profile,
+                               parent=parent, device=device, resume=resume, progress=bars)
+    except (ImmunizationError, RunNotFound) as e:
+        fail(e, 1)
+    console.print(f"immunized model: {run_dir / 'model'}  (run {run_dir.name})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("erase")(erase_cmd)
+    app.command("immunize")(immunize_cmd)
