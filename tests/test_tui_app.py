@@ -104,6 +104,9 @@ async def test_runs_screen_lists_new_runs_and_survives_damage(demo):
         late.fail("ValueError: no concepts")
         await until(pilot, lambda: str(table.get_cell("r5-erase", "state")) == "failed", what="failed run")
         assert "no concepts" in str(table.get_cell("r5-erase", "note"))
+        demo.immunize.finish()  # a longer state than any seen so far widens its column
+        await until(pilot, lambda: str(table.get_cell(IDS["immunize"], "state")) == "finished", what="finished")
+        await until(pilot, lambda: table.columns["state"].content_width >= len("finished"), what="wider column")
 
         # a half-written last line and a garbage line in a followed run are survived
         await pilot.press("enter")  # the cursor starts on the newest run

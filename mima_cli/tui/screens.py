@@ -146,7 +146,7 @@ class RunsScreen(SyncScreen):
             if run_id in table.rows:
                 for _, column in self.COLUMNS:
                     if table.get_cell(run_id, column) != cells[column]:
-                        table.update_cell(run_id, column, cells[column])
+                        table.update_cell(run_id, column, cells[column], update_width=True)
             else:
                 table.add_row(*(cells[c] for _, c in self.COLUMNS), key=run_id)
         if follow_newest and table.row_count:
