@@ -158,8 +158,8 @@ async def test_keys_help_twin_and_quit(demo):
         await until(pilot, lambda: isinstance(app.screen.query_one(CurvePlot), CurvePlot))
         await pilot.press("escape")
         assert isinstance(app.screen, RunsScreen)
-        await pilot.press("q")
-    assert app.return_code == 0
+        await pilot.press("question_mark", "q")  # q quits from the help screen too
+    assert app.return_code == 0 and not app.is_running
 
 
 async def test_images_off_and_missing_files(demo):

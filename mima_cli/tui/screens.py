@@ -541,6 +541,7 @@ class HelpScreen(ModalScreen[None]):
 
     BINDINGS = [
         Binding("escape,question_mark", "dismiss", "Close"),
+        Binding("q", "app.quit", "Quit"),  # a modal screen hides the app's bindings
     ]
 
     def compose(self) -> ComposeResult:
