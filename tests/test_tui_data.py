@@ -62,6 +62,8 @@ def test_latest_image_per_name_and_messages(tmp_path):
             ev("image", "samples/Van Gogh", step=10, path="samples/a.png", tags={"concept": "Van Gogh"}),
             ev("image", "samples/Van Gogh", step=20, path="samples/b.png", tags={"concept": "Van Gogh"}),
             ev("image", "eval/Picasso", step=5, path="samples/c.png"),
+            ev("image", "eval/Monet", step=5, path="../other-run/samples/c.png"),  # outside the run: ignored
+            ev("image", "eval/Monet", step=6, path="/etc/c.png"),
             ev("status", "state", "running", t=100.0),
             ev("status", "message", "hello", t=130.0),
             ev("status", "state", "failed", t=190.0, error="CUDA out of memory"),
@@ -71,6 +73,7 @@ def test_latest_image_per_name_and_messages(tmp_path):
     assert data.images["samples/Van Gogh"].path == tmp_path / "samples/b.png"
     assert data.images["samples/Van Gogh"].count == 2
     assert data.images["eval/Picasso"].label == "Picasso"
+    assert "eval/Monet" not in data.images
     assert [m.text for m in data.messages] == ["state: running", "hello", "state: failed (CUDA out of memory)"]
     assert data.messages[-1].level == "error"
     assert data.message_count == 3 and data.t0 == 100.0

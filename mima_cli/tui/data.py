@@ -11,7 +11,7 @@ import json
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 PRIMARY_GROUPS = ("inner_loss", "outer_loss", "prior_loss", "loss")
@@ -258,8 +258,8 @@ class RunData:
             points.append((float(step if step is not None else len(points)), float(value)))
         elif kind == "image":
             path = event.get("path")
-            if not isinstance(path, str):
-                return
+            if not isinstance(path, str) or PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts:
+                return  # only files inside the run directory are read
             key = series_key(event)
             tags = _tags(event)
             previous = self.images.get(key)
