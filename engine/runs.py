@@ -66,6 +66,7 @@ __all__ = [
     "list_runs",
     "find_run",
     "read_status",
+    "update_status",
 ]
 
 EVENT_KINDS = ("scalar", "image", "metric", "status", "progress")
@@ -537,6 +538,25 @@ def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(status, dict):
         return {**base, "error": "status.json is not a JSON object"}
     status.setdefault("id", run_dir.name)
+    return status
+
+
+def update_status(run_dir: str | os.PathLike, *, extra: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """Change fields of a run's ``status.json`` without reopening the run (its state, progress and events stay
+    as they are); ``extra`` is merged into the ``extra`` table. For links added to a finished run later (e.g. a
+    shared attack run that another attack is compared with). Returns the new status."""
+    unknown = set(fields) - set(STATUS_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown status field(s): {', '.join(sorted(unknown))} (use extra={{...}})")
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if status.get("state") == "unknown" and status.get("error"):
+        raise RunNotFound(f"{run_dir}: {status['error']}")
+    status.update({k: _jsonable(v) for k, v in fields.items()})
+    if extra:
+        status["extra"] = {**(status.get("extra") or {}), **_jsonable(extra)}
+    status["updated"] = time.time()
+    _write_json_atomic(run_dir / STATUS_FILE, status)
     return status
 
 
