@@ -26,6 +26,7 @@ COMMANDS = (
     "testbed",
     "generate",
     "immunize",
+    "attack",
     "tui_cmd",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""
