@@ -27,6 +27,7 @@ COMMANDS = (
     "generate",
     "immunize",
     "attack",
+    "report",
     "tui_cmd",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""

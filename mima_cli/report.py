@@ -1,0 +1,169 @@
+"""``mima report``: the paper's tables (MSGR, MRSGR), similarity-vs-step charts and the qualitative grid."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from mima_cli.console import EXIT_FAILURE, EXIT_USAGE, console, err_console, fail, print_json, warn
+from mima_cli.options import runs_dir
+
+MARKERS = ("hd", "dot", "x", "+", "o", "*", "sd", "braille")
+
+
+def _num(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _cell_text(cell, with_success: bool) -> Text:
+    text = Text(_num(cell.value), style="bold" if cell.value is not None else "dim")
+    if cell.note and cell.value is not None:
+        text.append("*", style="yellow")
+    if with_success and cell.success is not None:
+        text.append(f" ({cell.success:.0%})", style="dim")
+    return text
+
+
+def _rich_table(t) -> Table:
+    with_success = t.kind == "msgr"
+    table = Table(title=t.title, title_justify="left", show_lines=False)
+    table.add_column("method")
+    table.add_column("metric")
+    for g in t.groups:
+        table.add_column(f"{g} ({t.group_sizes[g]})", justify="right")
+    table.add_column("average", justify="right", style="cyan")
+    last = None
+    for r in t.rows:
+        if last is not None and r.method != last:
+            table.add_section()
+        cells = [_cell_text(r.cells[g], with_success) if g in r.cells else Text("") for g in t.groups]
+        table.add_row(r.method if r.method != last else "", r.metric, *cells, _cell_text(r.average, with_success))
+        last = r.method
+    if with_success:
+        table.caption = "(x%) = judge accuracy on x^A: how well the attack works on the unimmunized twin"
+        table.caption_justify = "left"
+    return table
+
+
+def _markdown(report) -> str:
+    out = []
+    for t in report.tables:
+        out.append(f"### {t.title}\n")
+        head = ["method", "metric", *[f"{g} ({t.group_sizes[g]})" for g in t.groups], "average"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(t.groups) + 1)) + "|")
+        for r in t.rows:
+            def fmt(c):
+                s = _num(c.value)
+                if t.kind == "msgr" and c.success is not None:
+                    s += f" ({c.success:.0%})"
+                return s
+            cells = [fmt(r.cells[g]) if g in r.cells else "" for g in t.groups]
+            out.append("| " + " | ".join([r.method, r.metric, *cells, fmt(r.average)]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _csv(report) -> str:
+    rows = report.rows_flat()
+    buf = io.StringIO()
+    fields = ["table", "profile", "family", "attacks", "method", "metric", "group", "value", "success", "step", "runs",
+              "note"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in fields})
+    return buf.getvalue()
+
+
+def _charts(report, width: int) -> None:
+    """One chart per (profile, group, attack): mean M(x^r, .) over the targets vs attack step, x^A and each method's
+    x^T, for the first metric that has curves."""
+    import plotext as plt
+
+    curves = report.curves()
+    if not curves:
+        return
+    keys = list(dict.fromkeys((c["profile"], c["group"], c["attack"]) for c in curves))
+    for key in keys:
+        mine = [c for c in curves if (c["profile"], c["group"], c["attack"]) == key]
+        metric = mine[0]["metric"]
+        mine = [c for c in mine if c["metric"] == metric]
+        plt.clear_figure()
+        plt.plotsize(min(width, 100), 14)
+        series = [("x^A (unimmunized)", mine[0]["steps"], mine[0]["x^A"])]
+        series += [(f"{c['method']} x^T", c["steps"], c["x^T"]) for c in mine]
+        for i, (label, steps, values) in enumerate(series):
+            pts = [(s, v) for s, v in zip(steps, values) if v is not None]
+            if pts:
+                plt.plot([s for s, _ in pts], [v for _, v in pts], label=label, marker=MARKERS[i % len(MARKERS)])
+        what = "acc" if metric.endswith("-acc") else "M(x^r, ·)"
+        plt.title(f"{metric} {what}, mean over targets — {key[1]} / {key[2]}")
+        plt.xlabel("attack step")
+        console.print(Text.from_ansi(plt.build()))
+
+
+def report_cmd(
+    ctx: typer.Context,
+    runs: list[str] = typer.Argument(None, help="Runs to report (attack, immunization or evaluate runs; default: every "
+                                                "finished attack pair, the newest per profile/group/method/attack)."),
+    step: int = typer.Option(None, "--step", min=0, help="Attack step to report (default: each pair's last)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print one CSV row per table cell."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown."),
+    grid: str = typer.Option(None, "--grid", metavar="FILE.png",
+                             help="Write the qualitative grid: per concept, reference | unimmunized | immunized."),
+    chart: bool = typer.Option(True, "--chart/--no-chart", help="Similarity-vs-attack-step charts after the tables."),
+) -> None:
+    """Tables like the paper's (rows method x metric, columns groups + average), MRSGR, attack success, charts.
+
+    Example: mima report --markdown
+    """
+    from engine.evaluate import EvaluationError
+    from engine.report import build_report, collect_pairs, qualitative_grid
+
+    if sum(map(bool, (json_out, csv_out, markdown))) > 1:
+        fail("choose one of --json, --csv, --markdown", EXIT_USAGE)
+    rd = runs_dir(ctx)
+    try:
+        pairs = collect_pairs(rd, runs or None)
+    except EvaluationError as e:
+        fail(e, EXIT_USAGE)
+    if not pairs:
+        fail(f"no finished attack pairs in {rd}; run `mima attack` first", EXIT_FAILURE)
+    report = build_report(pairs, step)
+    for r in report.refused:
+        warn(f"randomly initialised backbone refused: {r}")
+    if grid:
+        from mima_cli.attack import quiet_model_loading
+
+        quiet_model_loading()
+        try:
+            path = qualitative_grid(pairs, grid, runs_dir=rd, step=step)
+        except ValueError as e:
+            fail(e, EXIT_FAILURE)
+    if json_out:
+        print_json(report.to_dict())
+    elif csv_out:
+        typer.echo(_csv(report), nl=False)
+    elif markdown:
+        typer.echo(_markdown(report))
+    else:
+        for t in report.tables:
+            console.print(_rich_table(t))
+        notes = {n for t in report.tables if t.kind == "msgr" for r in t.rows for c in r.cells.values() if c.note
+                 for n in [c.note]}
+        for n in sorted(notes):
+            console.print(f"[yellow]*[/] {n}", highlight=False, style="dim")
+        if chart:
+            _charts(report, console.width)
+    if grid:
+        (err_console if json_out or csv_out or markdown else console).print(f"grid: {path}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report_cmd)
