@@ -27,6 +27,7 @@ COMMANDS = (
     "generate",
     "immunize",
     "attack",
+    "evaluate",
     "report",
     "tui_cmd",
 )
