@@ -68,7 +68,8 @@ def immunize_cmd(
     from engine.immunize.runner import ImmunizationError, immunize
     from engine.runs import RunNotFound
 
-    p = load_profile_for(ctx, profile, set_, {"steps": "immunize.steps", "gradient": "immunize.gradient"})
+    # a resumed run continues with the profile saved in its directory
+    p = None if resume else load_profile_for(ctx, profile, set_, {"steps": "immunize.steps", "gradient": "immunize.gradient"})
     if method is not None:
         try:
             get_method(method)
@@ -76,7 +77,8 @@ def immunize_cmd(
             fail(e, 2)
     try:
         with stage_bars() as bars:
-            run_dir = immunize(p, runs_dir=runs_dir(ctx), group=_group(p, group), method=method, profile_name=profile,
+            run_dir = immunize(p, runs_dir=runs_dir(ctx), group=_group(p, group) if p else None, method=method,
+                               profile_name=profile,
                                parent=parent, device=device, resume=resume, progress=bars)
     except (ImmunizationError, RunNotFound) as e:
         fail(e, 1)

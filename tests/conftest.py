@@ -5,6 +5,11 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
+
+# Tiny models gain nothing from a second thread, and OpenMP threads that must wait for a busy core (another job on
+# the machine) make every op up to 20x slower; one thread keeps the suite fast and its timing stable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -352,7 +352,7 @@ def find_erase_run(runs_dir: Path, profile_name: str | None, group: str | None, 
     return None
 
 
-def immunize(profile: Profile, *, runs_dir: str | Path, group: str | None = None, method: str | None = None,
+def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None = None, method: str | None = None,
              profile_name: str | None = None, parent: str | None = None, device: str | None = None,
              resume: str | None = None, progress=None) -> Path:
     """Immunize the group's target concepts with ``method`` (default ``[immunize] method``); returns the run dir.
@@ -373,7 +373,8 @@ def immunize(profile: Profile, *, runs_dir: str | Path, group: str | None = None
         from ..profile import load_profile
 
         profile = load_profile(run_dir / "profile.toml")
-        group, method, parent = st.get("group"), st.get("method"), st.get("parent")
+        group, method = st.get("group"), st.get("method")
+        parent = (st.get("extra") or {}).get("parent_model") or st.get("parent")
         profile_name = st.get("profile")
     method = method or profile.immunize.method
     spec = get_method(method)
