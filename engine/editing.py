@@ -28,7 +28,8 @@ smallest change of ``W`` meeting those equalities; :func:`uce_edit` solves it wi
 *Row alignment:* the erased prompt's rows after BOS up to and including its EOS (positions ``1..l``) are paired
 position by position with the target prompt's embedding at the same positions; for the default empty target that is
 its EOS followed by its padding rows, which is what the model sees for an empty prompt. Preserved prompts contribute
-their rows after BOS through EOS with their current outputs as targets. When erased + preserved rows are independent
+their rows after BOS through EOS with their current outputs as targets; an erased row identical to a preserved row
+(a common prefix such as "an artwork of" in a causal text encoder) is preserved, not erased. When erased + preserved rows are independent
 (e.g. ``<= c/2``) preserved outputs are kept to rounding; beyond that :class:`UCEReport` reports the drift.
 """
 
@@ -201,6 +202,10 @@ def uce_edit(unet, text_encoder, tokenizer, erase: Sequence[str], preserve: Sequ
     ct = torch.cat([b for _, b in pairs]).double()
     cp_list = [concept_rows(text_encoder, tokenizer, p).double() for p in preserve]
     cp = torch.cat(cp_list) if cp_list else ce.new_zeros(0, ce.shape[1])
+    if cp.numel():  # a row a preserved prompt also has (a shared prefix like "an artwork of") is preserved
+        scale = float(torch.cat([ce, cp]).abs().max())
+        shared = (torch.cdist(ce, cp).min(dim=1).values <= 1e-6 * scale)
+        ce, ct = ce[~shared], ct[~shared]
     se, sp = erase_scale**0.5, preserve_scale**0.5
     rows = torch.cat([se * ce, sp * cp])
     proj = projector(rows, None, 0.0, lamb)

@@ -12,6 +12,8 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
           device: str | None = None, progress=None) -> Path:
     """Erase ``[erase] concepts`` (default: the group's targets) from ``[model] base`` with UCE; returns the run dir.
 
+    Preserved prompts: ``[erase] preserve``, or when empty the prompts of every profile concept not erased.
+
     The erased model is ``<run>/model`` (UNet only + ``mima_model.json`` naming the base). ``[erase] method = "none"``
     is an error here: there is nothing to erase.
     """
@@ -28,7 +30,9 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
                    concepts=[c.name for c in concepts], base_model_hash=base_hash,
                    extra={"base": base, "target": profile.erase.target}) as run:
         e = profile.erase
-        report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, [c.prompt for c in concepts], e.preserve,
+        erased = {c.name for c in concepts}
+        preserve = e.preserve or [c.prompt for c in profile.concepts if c.name not in erased]
+        report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, [c.prompt for c in concepts], preserve,
                           e.target, e.lamb, e.erase_scale, e.preserve_scale)
         for key, value in vars(report).items():
             run.log_metric(f"uce/{key}", value)

@@ -29,6 +29,7 @@ COMMANDS = (
     "attack",
     "evaluate",
     "report",
+    "reproduce",
     "tui_cmd",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""

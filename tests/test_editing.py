@@ -7,8 +7,6 @@ import torch
 
 from engine.editing import closed_form_merge, merge_projector, projector, uce_edit
 
-torch.set_default_dtype(torch.float64)
-
 
 def _problem(seed=0, d=6, c=10, lens=(2, 3), r=30):
     g = torch.Generator().manual_seed(seed)
@@ -96,3 +94,56 @@ def test_projector_is_shared_across_layers():
     for scale in (1.0, 3.0):
         w = proj.apply(scale * w0, [scale * a for a in adapted])
         torch.testing.assert_close(w, closed_form_merge(scale * w0, [scale * a for a in adapted], concepts, reg, 0.01))
+
+
+def _tiny_pipe():
+    from engine.testbed.build import TINY, build_random_pipeline
+
+    return build_random_pipeline(TINY, seed=0)
+
+
+def _kv_outputs(pipe, prompts):
+    from engine.diffusion import concept_rows
+    from engine.models import kv_layer_names
+
+    params = dict(pipe.unet.named_parameters())
+    rows = torch.cat([concept_rows(pipe.text_encoder, pipe.tokenizer, p) for p in prompts]).double()
+    return {k: rows @ params[k].detach().double().T for k in kv_layer_names(pipe.unet)}
+
+
+def test_uce_preserves_and_erases_within_half_width():
+    pipe = _tiny_pipe()
+    erase, preserve = ["an artwork of strieker"], ["a photo of a star", "an artwork of ringo"]
+    before = _kv_outputs(pipe, preserve)
+    from engine.editing import aligned_rows
+
+    e_rows, t_rows = aligned_rows(pipe.text_encoder, pipe.tokenizer, erase[0], "")
+    params = dict(pipe.unet.named_parameters())
+    targets = {k: t_rows.double() @ params[k].detach().double().T for k in before}
+    report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, erase, preserve)
+    assert report.erased_rows + report.preserved_rows <= report.width // 2 and not report.dependent
+    after = _kv_outputs(pipe, preserve)
+    for k in before:
+        assert float((after[k] - before[k]).norm() / before[k].norm()) < 1e-4
+    assert report.preserve_drift < 1e-4
+    # erased rows not shared with a preserved prompt now output the empty prompt's aligned rows
+    from engine.diffusion import concept_rows
+
+    pres_rows = torch.cat([concept_rows(pipe.text_encoder, pipe.tokenizer, p) for p in preserve])
+    own = torch.cdist(e_rows, pres_rows).min(1).values > 1e-5
+    assert own.sum() >= 2  # the name's rows and EOS
+    params = dict(pipe.unet.named_parameters())
+    for k, tgt in targets.items():
+        out = e_rows[own].double() @ params[k].detach().double().T
+        assert float((out - tgt[own]).norm() / tgt[own].norm()) < 1e-4
+
+
+def test_uce_beyond_the_width_reports_drift():
+    pipe = _tiny_pipe()
+    words = ["star", "heart", "moon", "cross", "arrow", "house", "tree", "fish"]
+    preserve = [f"a photo of a {w}" for w in words] + [f"an artwork of {w}" for w in words]
+    report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, ["an artwork of strieker"], preserve)
+    assert report.erased_rows + report.preserved_rows > report.width
+    assert report.dependent
+    assert 0 < report.preserve_drift < float("inf")
+    assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
