@@ -30,6 +30,7 @@ COMMANDS = (
     "evaluate",
     "report",
     "reproduce",
+    "bench",
     "tui_cmd",
 )
 """Command modules, registered in this order (each defines ``register(app: typer.Typer)``)."""

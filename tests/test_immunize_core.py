@@ -9,8 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.func import functional_call
 
 from engine.editing import closed_form_merge, merge_projector
-from engine.immunize.core import Batch, BiLevel, Task
-from engine.immunize.runner import make_merge_fn
+from engine.immunize.core import Batch, BiLevel, Task, make_merge_fn
 from engine.models import kv_layer_names, param_names
 
 C = 12  # text width (differs from the testbed's)

@@ -123,7 +123,9 @@ class BiLevel:
 
     def _merge(self, adapted: list[dict]) -> tuple[dict, float]:
         if self.merge_fn is None:
-            return adapted[0], 0.0
+            if len(adapted) == 1:
+                return adapted[0], 0.0
+            return {k: torch.stack([a[k] for a in adapted]).mean(0) for k in adapted[0]}, 0.0
         anchor = self.anchor if self.anchor is not None else {k: self.params[k] for k in self.lower}
         return self.merge_fn(anchor, adapted)
 
@@ -152,6 +154,26 @@ class BiLevel:
             out = {k: (g if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
         else:
             out = self._fd_gradient(j, upper, adapted, tasks)
+        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        return out, stats
+
+    def alternating_gradient(self, tasks: Sequence[Task]) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """The released MIMA code's scheme (a labelled reproduction, for comparison only): the inner steps and the
+        merge are written into the model without gradient, then the first-order gradient of ``J`` is taken at the
+        resulting weights. Not Algorithm 1: nothing flows through the merge and inner updates accumulate."""
+        stats = StepStats()
+        adapted = []
+        for task in tasks:
+            a, stats.inner_loss[task.name] = self._adapt(task, create_graph=False)
+            adapted.append({k: v.detach() for k, v in a.items()})
+        with torch.no_grad():
+            merged, stats.merge_residual = self._merge(adapted)
+            for k, v in merged.items():
+                self.params[k].copy_(v)
+        j, stats.outer_loss, stats.prior_loss = self._upper_objective({}, tasks)
+        upper = [self.params[k] for k in self.upper]
+        grads = torch.autograd.grad(j, upper, allow_unused=True)
+        out = {k: (g if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 
@@ -196,3 +218,20 @@ class BiLevel:
             g = torch.autograd.grad(loss, [over[k] for k in self.upper], allow_unused=True)
             sides.append([x if x is not None else torch.zeros_like(over[k]) for k, x in zip(self.upper, g)])
         return {k: (gp - gm) / (2 * eps) for k, gp, gm in zip(self.upper, *sides)}
+
+
+def make_merge_fn(projector, kv_names: set[str]) -> Callable:
+    """k/v weights: closed form; other lower-level parameters: mean of the adapted copies."""
+
+    def merge(anchor: dict, adapted: list[dict]) -> tuple[dict, float]:
+        out, resid = {}, 0.0
+        for k in adapted[0]:
+            copies = [a[k] for a in adapted]
+            if k in kv_names:
+                out[k] = projector.apply(anchor[k], copies)
+                resid = max(resid, projector.residual(out[k].detach(), [c.detach() for c in copies]))
+            else:
+                out[k] = torch.stack(copies).mean(0)
+        return out, resid
+
+    return merge

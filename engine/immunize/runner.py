@@ -28,7 +28,7 @@ from ..editing import merge_projector
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
 from . import MethodSpec, get_method
-from .core import Batch, BiLevel, StepStats, Task
+from .core import Batch, BiLevel, StepStats, Task, make_merge_fn
 
 SAMPLE_SEEDS = (1000, 1001, 1002, 1003)
 
@@ -73,23 +73,6 @@ def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: 
     return [Task(c.name, draw(c, "lower"), draw(c, "upper")) for c in concepts]
 
 
-def make_merge_fn(projector, kv_names: set[str]) -> Callable:
-    """k/v weights: closed form; other lower-level parameters: mean of the adapted copies."""
-
-    def merge(anchor: dict, adapted: list[dict]) -> tuple[dict, float]:
-        out, resid = {}, 0.0
-        for k in adapted[0]:
-            copies = [a[k] for a in adapted]
-            if k in kv_names:
-                out[k] = projector.apply(anchor[k], copies)
-                resid = max(resid, projector.residual(out[k].detach(), [c.detach() for c in copies]))
-            else:
-                out[k] = torch.stack(copies).mean(0)
-        return out, resid
-
-    return merge
-
-
 # ------------------------------------------------------------------------------------------- preparation
 
 
@@ -101,7 +84,7 @@ class Setup:
     samples: list[tuple[str, str]]  # (concept name, prompt) to draw every sample_every steps
     lower: list[str]
     upper: list[str]
-    bilevel: BiLevel | None
+    bilevel: BiLevel
     projector: object
     kv_names: set[str]
 
@@ -136,63 +119,27 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
     samples = [(c.name, c.prompt) for c in targets] + [(c.name, c.prompt) for c in others[:1]]
     for name, p in unet.named_parameters():
         p.requires_grad_(name in set(lower) | set(upper))
-    bilevel = None
-    if spec.algorithm == "bilevel":
-        merge_fn = make_merge_fn(projector, kv) if projector is not None and spec.merge else None
-        anchor = None
-        if merge_fn is not None and s.merge.anchor == "pretrained":
-            params = dict(unet.named_parameters())
-            anchor = {k: params[k].detach().clone() for k in lower}
-        bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, s.gradient,
-                          s.fd_eps, merge_fn, anchor)
+    alternating = spec.algorithm == "alternating"
+    merge_fn = make_merge_fn(projector, kv) if projector is not None and (spec.merge or alternating) else None
+    anchor = None
+    if merge_fn is not None and s.merge.anchor == "pretrained" and not alternating:
+        params = dict(unet.named_parameters())
+        anchor = {k: params[k].detach().clone() for k in lower}
+    bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight,
+                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor)
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv)
 
 
-def alternating_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
-    """The released code's scheme (labelled reproduction): inner steps written into the model, merged k/v copied in
-    without gradient, then a first-order ascent step at the resulting weights."""
-    s = profile.immunize
-    unet = setup.pipe.unet
-    params = dict(unet.named_parameters())
-    sched = training_scheduler(setup.pipe)
-    core = BiLevel(unet, sched, setup.lower, setup.upper, s.inner_lr, s.prior_weight, "first-order")
-    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
-    stats = StepStats()
-    adapted = []
-    for task in tasks:
-        a, loss = core._adapt(task, create_graph=False)
-        stats.inner_loss[task.name] = loss
-        adapted.append({k: v.detach() for k, v in a.items()})
-    with torch.no_grad():
-        for k in setup.lower:
-            copies = [a[k] for a in adapted]
-            if k in setup.kv_names and setup.projector is not None:
-                new = setup.projector.apply(params[k].detach(), copies)
-                stats.merge_residual = max(stats.merge_residual, setup.projector.residual(new, copies))
-            else:
-                new = torch.stack(copies).mean(0)
-            params[k].copy_(new)
-    inst, prior = core.losses({}, Batch.cat([t.upper for t in tasks]))
-    n = len(tasks)
-    j = n * (inst - s.prior_weight * prior)
-    grads = torch.autograd.grad(j, [params[k] for k in setup.upper], allow_unused=True)
-    for k, g in zip(setup.upper, grads):
-        params[k].grad = g if g is not None else torch.zeros_like(params[k])
-    stats.outer_loss, stats.prior_loss = float(inst) * n, float(prior) * n
-    stats.grad_norm = float(torch.sqrt(sum((params[k].grad.float() ** 2).sum() for k in setup.upper)))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return stats
-
-
-def bilevel_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
+def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
+    """One outer step: the meta-gradient (or the alternating scheme's gradient), then the ascent step."""
     s = profile.immunize
     tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
-    grads, stats = setup.bilevel.meta_gradient(tasks)
+    core = setup.bilevel
+    fn = core.alternating_gradient if setup.spec.algorithm == "alternating" else core.meta_gradient
+    grads, stats = fn(tasks)
     _check_finite(stats, step)
-    params = setup.bilevel.params
     for k, g in grads.items():
-        params[k].grad = g.to(params[k].dtype)
+        core.params[k].grad = g.to(core.params[k].dtype)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return stats
@@ -271,7 +218,7 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
     """Steps ``start_step+1 .. steps``; returns the last step done. Ctrl-C (``interrupt.hit``, checked between steps)
     checkpoints the last finished step, then raises ``KeyboardInterrupt``."""
     s = profile.immunize
-    step_fn = alternating_step if setup.spec.algorithm == "alternating" else bilevel_step
+    step_fn = outer_step
     params = dict(setup.pipe.unet.named_parameters())
     dev = next(iter(params.values())).device
     step = start_step

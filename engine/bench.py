@@ -1,0 +1,193 @@
+"""Step time and peak memory of immunization steps at Stable Diffusion scale (random weights, no download).
+
+    python -m engine.bench --arch sd1 --device cuda            # SD v1.4 UNet architecture, bf16 autocast
+    python -m engine.bench --arch testbed --device cpu         # the testbed UNet on the CPU
+
+Imports only torch, numpy and diffusers (it runs where the rest of mima is not installed). Prints one JSON line per
+measurement: ``{"name", "mode", "n", "seconds" (median after warm-up), "peak_gib", "device", "arch", ...}``.
+Measured: a plain fine-tuning step (fwd + bwd + AdamW, batch 2 = instance + prior); the ``alternating`` scheme of
+the released code; ``mima`` in ``exact`` (classic attention: SDPA kernels have no double backward), ``fd`` and
+``first-order`` for each N. Configurations predicted not to fit in the device's memory are skipped (a JSON line says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+SD1_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD2_UNET = dict(SD1_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+TEXT = {"sd1": (77, 768), "sd2": (77, 1024)}
+# GiB of a naive exact step on SD 1.x at batch 2 in bf16 (the issue's H200 table: 73.9 at N=2, 107.8 at N=3)
+EXACT_GIB = {"base": 6.1, "per_concept": 33.9}
+
+
+def build_unet(arch: str):
+    """A randomly initialised UNet of ``arch`` (sd1, sd2, testbed) and its (text length, text width)."""
+    from diffusers import UNet2DConditionModel
+
+    if arch == "testbed":
+        from .testbed.build import DEFAULT, make_unet
+
+        return make_unet(DEFAULT), (DEFAULT.max_length, DEFAULT.text_width)
+    cfg = {"sd1": SD1_UNET, "sd2": SD2_UNET}[arch]
+    return UNet2DConditionModel(**cfg), TEXT[arch]
+
+
+def synthetic_tasks(n: int, unet, text: tuple[int, int], device, seed: int = 0):
+    """``n`` tasks with random latents and text (1 instance + 1 prior image per batch)."""
+    from .immunize.core import Batch, Task
+
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+
+    def batch():
+        return Batch(torch.randn(2, 4, size, size, generator=g).to(device),
+                     torch.randn(2, *text, generator=g).to(device),
+                     torch.randn(2, 4, size, size, generator=g).to(device),
+                     torch.randint(0, 1000, (2,), generator=g).to(device), n_instance=1)
+
+    return [Task(f"c{i}", batch(), batch()) for i in range(n)]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, device, repeats: int = 5, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``step()`` after ``warmup`` calls, and the peak GiB allocated (CUDA; 0 elsewhere)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return statistics.median(times), peak
+
+
+def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", "fd", "first-order"),
+        repeats: int = 5, warmup: int = 2, autocast: bool | None = None, inner_lr: float = 1e-5,
+        emit=lambda row: None) -> list[dict]:
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from .editing import merge_projector
+    from .immunize.core import BiLevel, make_merge_fn
+
+    dev = torch.device(device)
+    autocast = dev.type == "cuda" if autocast is None else autocast
+    torch.manual_seed(0)
+    unet, text = build_unet(arch)
+    unet = unet.to(dev)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    names = [n for n, _ in unet.named_parameters()]
+    upper = [n for n in names if ".attn2." in n]
+    kv = {n for n in upper if (".to_k." in n or ".to_v." in n) and n.endswith(".weight")}
+    total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else float("inf")
+    rows = []
+    base = {"arch": arch, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "autocast": "bf16" if autocast else "off", "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)}
+
+    def ctx():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else torch.autocast(dev.type, enabled=False)
+
+    def record(name, mode, n, fn):
+        with ctx():
+            seconds, peak = measure(fn, dev, repeats, warmup)
+        row = {**base, "name": name, "mode": mode, "n": n, "seconds": round(seconds, 4), "peak_gib": round(peak, 2)}
+        rows.append(row)
+        emit(row)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # plain fine-tuning step
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    core0 = BiLevel(unet, sched, names, upper, inner_lr, 1.0, "first-order")
+    (task,) = synthetic_tasks(1, unet, text, dev)
+
+    def plain():
+        loss = core0.inner_objective({}, task.lower)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    record("plain", "fine-tune", 1, plain)
+    del opt
+    for p in unet.parameters():
+        p.grad = None
+    up_opt = torch.optim.AdamW([dict(unet.named_parameters())[k] for k in upper], lr=1e-6, maximize=True)
+
+    def make(n, mode):
+        g = torch.Generator().manual_seed(1)
+        rows_c = [torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)]
+        reg = torch.randn(200, text[1], generator=g).to(dev)
+        proj = merge_projector(rows_c, reg, ridge=1e-2)
+        return BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv)), \
+            synthetic_tasks(n, unet, text, dev, seed=n)
+
+    def stepper(core, tasks, alternating=False):
+        def step():
+            grads, _ = (core.alternating_gradient if alternating else core.meta_gradient)(tasks)
+            params = core.params
+            for k, g in grads.items():
+                params[k].grad = g
+            up_opt.step()
+            up_opt.zero_grad(set_to_none=True)
+        return step
+
+    core, tasks = make(3, "first-order")
+    state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    record("alternating", "first-order", 3, stepper(core, tasks, alternating=True))
+    unet.load_state_dict(state)
+    for n in ns:
+        for mode in modes:
+            if mode == "exact":
+                need = EXACT_GIB["base"] + EXACT_GIB["per_concept"] * n if arch != "testbed" else 0.0
+                if need > 0.9 * total_gib:
+                    row = {**base, "name": "mima", "mode": mode, "n": n, "skipped": f"predicted {need:.0f} GiB > "
+                           f"0.9 x {total_gib:.0f} GiB"}
+                    rows.append(row)
+                    emit(row)
+                    continue
+                unet.set_attn_processor(AttnProcessor())
+            core, tasks = make(n, mode)
+            record("mima", mode, n, stepper(core, tasks))
+            unet.load_state_dict(state)
+            if mode == "exact":
+                unet.set_default_attn_processor()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", choices=("sd1", "sd2", "testbed"), default="sd1")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 3, 10])
+    ap.add_argument("--modes", nargs="+", default=["exact", "fd", "first-order"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+    run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup,
+        emit=lambda row: sys.stdout.write(json.dumps(row) + "\n") or sys.stdout.flush())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""``mima bench``: step time and peak memory of immunization steps (random weights; no download)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from mima_cli.console import console
+
+
+def bench_cmd(
+    arch: str = typer.Option("sd1", "--arch", help="sd1 (SD v1.4 UNet architecture) or sd2."),
+    testbed: bool = typer.Option(False, "--testbed", help="The testbed UNet on the CPU instead."),
+    device: str = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when present)."),
+    n: list[int] = typer.Option([2, 3, 10], "--n", help="Numbers of concepts N (repeatable)."),
+    modes: list[str] = typer.Option(["exact", "fd", "first-order"], "--mode", help="Gradient modes (repeatable)."),
+    repeats: int = typer.Option(5, help="Timed steps per measurement (the median is reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Only the JSON lines."),
+) -> None:
+    """Measure a plain fine-tuning step, the released code's alternating scheme, and mima's exact / fd /
+    first-order steps for each N: one JSON line per measurement, then a table.
+
+    Example: mima bench --testbed --n 2 --n 3
+    """
+    import torch
+
+    from engine.bench import run
+
+    dev = device or ("cuda" if torch.cuda.is_available() and not testbed else "cpu")
+    rows = run("testbed" if testbed else arch, dev, tuple(n), tuple(modes), repeats,
+               emit=lambda row: typer.echo(json.dumps(row)))
+    if as_json:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"mima bench — {rows[0]['arch']} on {rows[0]['device']} (autocast {rows[0]['autocast']})")
+    for col in ("step", "mode", "N", "seconds", "peak GiB"):
+        table.add_column(col, justify="right" if col in ("N", "seconds", "peak GiB") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["mode"], str(r["n"]), r.get("skipped") or f"{r['seconds']:.3f}",
+                      "" if "skipped" in r else f"{r['peak_gib']:.1f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_cmd)

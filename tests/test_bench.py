@@ -1,0 +1,30 @@
+"""`engine.bench` measures every step kind on the testbed UNet (CPU), and `mima bench --testbed` prints them."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from mima_cli.app import app
+
+
+def test_bench_testbed_rows():
+    from engine.bench import run
+
+    rows = run("testbed", "cpu", ns=(2,), modes=("fd", "first-order"), repeats=1, warmup=0)
+    names = [(r["name"], r["mode"], r["n"]) for r in rows]
+    assert names == [("plain", "fine-tune", 1), ("alternating", "first-order", 3), ("mima", "fd", 2),
+                     ("mima", "first-order", 2)]
+    assert all(r["seconds"] > 0 and r["device"] == "cpu" for r in rows)
+    # fd does strictly more passes than first-order on the same data
+    fd, fo = rows[2]["seconds"], rows[3]["seconds"]
+    assert fd > fo
+
+
+def test_bench_cli_json_lines():
+    res = CliRunner().invoke(app, ["bench", "--testbed", "--n", "2", "--mode", "first-order", "--repeats", "1",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["plain", "alternating", "mima"]
