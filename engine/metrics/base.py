@@ -171,3 +171,30 @@ def _nbytes(value: Any) -> int:
 def check_not_empty(images: Images, what: str = "image set") -> None:
     if num_images(images) == 0:
         raise ValueError(f"the similarity of an empty {what} is undefined")
+
+
+class CosineFeatures:
+    """What the cosine-feature backends (clip, dino, judge) share: cached features and their cosine similarity.
+
+    A backend sets ``self.cache`` (a :class:`FeatureCache`) and provides ``_compute(images)``: the L2-normalised
+    features ``[n, D]`` of an image set (float32, on the CPU).
+    """
+
+    cache: FeatureCache
+
+    def _compute(self, images: Images) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, images: Images) -> torch.Tensor:
+        """L2-normalised features ``[n, D]`` (float32, on the CPU; cached by the images' pixels)."""
+        return self.cache.get(images, self._compute)
+
+    def pair_matrix(self, a: Images, b: Images) -> torch.Tensor:
+        """Cosine similarity of every pair, ``[len(a), len(b)]``."""
+        return self.features(a) @ self.features(b).T
+
+    def mean_similarity(self, a: Images, b: Images) -> float:
+        """``M(a, b)``: the mean of :meth:`pair_matrix` over all pairs."""
+        check_not_empty(a)
+        check_not_empty(b)
+        return float(self.pair_matrix(a, b).double().mean())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .base import (FeatureCache, Images, MetricWeightsMissing, check_not_empty, chunks, first_line, hf_cache_dir,
+from .base import (CosineFeatures, FeatureCache, Images, MetricWeightsMissing, chunks, first_line, hf_cache_dir,
                    offline, to_pil)
 
 DEFAULT_MODEL = "ViT-B-32"
@@ -26,8 +26,9 @@ DEFAULT_PRETRAINED = "openai"
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
-class ClipBackend:
-    """Cosine similarity of L2-normalised open_clip image features.
+class ClipBackend(CosineFeatures):
+    """Cosine similarity of L2-normalised open_clip image features (``features``, ``pair_matrix``,
+    ``mean_similarity``: :class:`~engine.metrics.base.CosineFeatures`).
 
     ``model``: an open_clip model whose ``visual.preprocess_cfg`` describes its input (set by
     ``open_clip.create_model``). ``random_init`` marks a backbone without pretrained weights (tests only): its
@@ -71,20 +72,6 @@ class ClipBackend:
                 out.append(self.model.encode_image(x, normalize=True).float().cpu())
         dim = int(getattr(self.model.visual, "output_dim", 0) or 0)
         return torch.cat(out) if out else torch.zeros(0, dim)
-
-    def features(self, images: Images) -> torch.Tensor:
-        """L2-normalised image features ``[n, D]`` (float32, on the CPU; cached by the images' pixels)."""
-        return self.cache.get(images, self._compute)
-
-    def pair_matrix(self, a: Images, b: Images) -> torch.Tensor:
-        """Cosine similarity of every pair, ``[len(a), len(b)]``."""
-        return self.features(a) @ self.features(b).T
-
-    def mean_similarity(self, a: Images, b: Images) -> float:
-        """``M(a, b)``: the mean of :meth:`pair_matrix` over all pairs."""
-        check_not_empty(a)
-        check_not_empty(b)
-        return float(self.pair_matrix(a, b).double().mean())
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import (FeatureCache, Images, MetricWeightsMissing, check_not_empty, chunks, first_line, hf_cache_dir,
+from .base import (CosineFeatures, FeatureCache, Images, MetricWeightsMissing, chunks, first_line, hf_cache_dir,
                    offline, to_pil)
 
 DEFAULT_MODEL = "facebook/dino-vits16"
@@ -50,8 +50,9 @@ def dino_transform(image_size: int = 224):
     ])
 
 
-class DinoBackend:
-    """Cosine similarity of L2-normalised DINO CLS features. ``model``: a transformers ``ViTModel``."""
+class DinoBackend(CosineFeatures):
+    """Cosine similarity of L2-normalised DINO CLS features (:class:`~engine.metrics.base.CosineFeatures`).
+    ``model``: a transformers ``ViTModel``."""
 
     name = "dino"
     kind = "similarity"
@@ -83,20 +84,6 @@ class DinoBackend:
                 cls = self.model(pixel_values=x).last_hidden_state[:, 0]
                 out.append(F.normalize(cls.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
-
-    def features(self, images: Images) -> torch.Tensor:
-        """L2-normalised CLS features ``[n, D]`` (float32, on the CPU; cached by the images' pixels)."""
-        return self.cache.get(images, self._compute)
-
-    def pair_matrix(self, a: Images, b: Images) -> torch.Tensor:
-        """Cosine similarity of every pair, ``[len(a), len(b)]``."""
-        return self.features(a) @ self.features(b).T
-
-    def mean_similarity(self, a: Images, b: Images) -> float:
-        """``M(a, b)``: the mean of :meth:`pair_matrix` over all pairs."""
-        check_not_empty(a)
-        check_not_empty(b)
-        return float(self.pair_matrix(a, b).double().mean())
 
 
 # ----------------------------------------------------------------------------------------------- loading

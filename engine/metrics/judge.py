@@ -23,55 +23,43 @@ from pathlib import Path
 
 import torch
 
-from .base import FeatureCache, Images, MetricWeightsMissing, check_not_empty, num_images
+from .base import CosineFeatures, FeatureCache, Images, MetricWeightsMissing, check_not_empty, num_images
 
 
-class JudgeBackend:
-    """Cosine similarity of the judge's L2-normalised embeddings (``Judge.features``)."""
+class _OnJudge:
+    """A metric computed by a testbed judge (on ``device``), with a cache of per-set results."""
 
-    name = "judge"
-    kind = "similarity"
+    name: str
 
     def __init__(self, judge: torch.nn.Module, *, label: str = "", random_init: bool = False,
                  device: str | torch.device = "cpu"):
         self.judge = judge.to(device).eval()
         self.device = torch.device(device)
-        self.label = label or "judge"
+        self.label = label or self.name
         self.random_init = bool(random_init)
         self.cache = FeatureCache()
+
+
+class JudgeBackend(_OnJudge, CosineFeatures):
+    """Cosine similarity of the judge's L2-normalised embeddings (``Judge.features``; see
+    :class:`~engine.metrics.base.CosineFeatures`)."""
+
+    name = "judge"
+    kind = "similarity"
 
     def preprocess(self, images: Images) -> torch.Tensor:
         """The judge's canonical input: float32 ``[n, 3, 64, 64]`` in ``[0, 1]``."""
         return self.judge.preprocess(images)
 
-    def features(self, images: Images) -> torch.Tensor:
-        """L2-normalised embeddings ``[n, D]`` (float32, on the CPU; cached by the images' pixels)."""
-        return self.cache.get(images, lambda x: self.judge.features(x).float().cpu())
-
-    def pair_matrix(self, a: Images, b: Images) -> torch.Tensor:
-        """Cosine similarity of every pair, ``[len(a), len(b)]``."""
-        return self.features(a) @ self.features(b).T
-
-    def mean_similarity(self, a: Images, b: Images) -> float:
-        """``M(a, b)``: the mean of :meth:`pair_matrix` over all pairs."""
-        check_not_empty(a)
-        check_not_empty(b)
-        return float(self.pair_matrix(a, b).double().mean())
+    def _compute(self, images: Images) -> torch.Tensor:
+        return self.judge.features(images).float().cpu()
 
 
-class JudgeAccuracy:
+class JudgeAccuracy(_OnJudge):
     """``judge-acc``: the share of images the judge recognises as the intended concept, and label agreement."""
 
     name = "judge-acc"
     kind = "accuracy"
-
-    def __init__(self, judge: torch.nn.Module, *, label: str = "", random_init: bool = False,
-                 device: str | torch.device = "cpu"):
-        self.judge = judge.to(device).eval()
-        self.device = torch.device(device)
-        self.label = label or "judge-acc"
-        self.random_init = bool(random_init)
-        self.cache = FeatureCache()
 
     def head(self, concept: str) -> tuple[str, int]:
         """``(head, label index)`` of a concept name (``KeyError`` naming the known concepts otherwise)."""
