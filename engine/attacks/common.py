@@ -288,6 +288,18 @@ def add_token(pipe, token: str, init_text: str | None):
     return token_id, row, finish
 
 
+def learn_new_token(pipe, job: AttackJob, method: str, what: str = "token"):
+    """Setup of the attacks that learn a new token: check that ``job`` has one, freeze the UNet and the text encoder,
+    add ``job.token`` with :func:`add_token` (initialised from ``job.init_text``) and return ``(row, finish)``.
+    ``method`` and ``what`` (how the attack calls the token) name them in the error when the job has no token."""
+    if not job.token:
+        raise ValueError(f"token: {method} needs the attacker's {what}")
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    _, row, finish = add_token(pipe, job.token, job.init_text)
+    return row, finish
+
+
 def save_token_embedding(pipe, token: str, folder: Path) -> Path:
     """``learned_embeds.safetensors``: ``{token: [1, c]}``, the format of diffusers' textual-inversion example;
     ``pipe.load_textual_inversion(folder)`` reads it."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .common import AttackJob, Trainable, add_token, register, save_token_embedding
+from .common import AttackJob, Trainable, learn_new_token, register, save_token_embedding
 from .textual_inversion import load_token_embedding
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
@@ -108,11 +108,7 @@ class CustomDiffusion:
     testbed_defaults = dict(steps=40, lr=1e-4, batch=1, rank=4, alpha=4.0, prior_preservation=True)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
-        if not job.token:
-            raise ValueError("token: custom-diffusion needs the attacker's modifier token")
-        pipe.unet.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        _, row, finish = add_token(pipe, job.token, job.init_text)
+        row, finish = learn_new_token(pipe, job, self.name, "modifier token")
         kv = install_kv_processors(pipe.unet)
         return Trainable(params=[row, *kv], text_trains=True, finish=finish)
 

@@ -53,12 +53,9 @@ def load_lora(pipe, folder: Path) -> None:
     pipe.load_lora_weights(folder, weight_name=WEIGHT_NAME)
 
 
-@register("lora")
-class LoRA:
-    adds_token = False
-    # paper (re-learning): rank 4, lr 1e-4, 400 steps, batch 4; diffusers train_text_to_image_lora: rank 4, lr 1e-4
-    defaults = dict(steps=400, lr=1e-4, batch=4, rank=4, alpha=4.0, prior_preservation=False)
-    testbed_defaults = dict(steps=80, lr=1e-3, batch=4, rank=4, alpha=4.0, prior_preservation=False)
+class LoRAAdapter:
+    """``setup``/``save``/``load`` of the attacks that train a fresh LoRA adapter (``job.settings.rank``/``alpha``)
+    on the UNet's attention projections: ``lora`` and ``dreambooth-lora``."""
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
         return add_lora(pipe, job.settings.rank, job.settings.alpha)
@@ -68,3 +65,11 @@ class LoRA:
 
     def load(self, pipe, folder: Path) -> None:
         load_lora(pipe, folder)
+
+
+@register("lora")
+class LoRA(LoRAAdapter):
+    adds_token = False
+    # paper (re-learning): rank 4, lr 1e-4, 400 steps, batch 4; diffusers train_text_to_image_lora: rank 4, lr 1e-4
+    defaults = dict(steps=400, lr=1e-4, batch=4, rank=4, alpha=4.0, prior_preservation=False)
+    testbed_defaults = dict(steps=80, lr=1e-3, batch=4, rank=4, alpha=4.0, prior_preservation=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import AttackJob, Trainable, add_token, register, save_token_embedding
+from .common import AttackJob, Trainable, learn_new_token, register, save_token_embedding
 
 
 def load_token_embedding(pipe, folder: Path) -> None:
@@ -25,11 +25,7 @@ class TextualInversion:
     testbed_defaults = dict(steps=40, lr=5e-3, batch=1, rank=4, alpha=4.0, prior_preservation=False)
 
     def setup(self, pipe, job: AttackJob) -> Trainable:
-        if not job.token:
-            raise ValueError("token: textual-inversion needs the attacker's token")
-        pipe.unet.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        _, row, finish = add_token(pipe, job.token, job.init_text)
+        row, finish = learn_new_token(pipe, job, self.name)
         return Trainable(params=[row], text_trains=True, finish=finish)
 
     def save(self, pipe, job: AttackJob, folder: Path) -> None:
