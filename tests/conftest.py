@@ -87,3 +87,22 @@ def tiny_profile(tmp_path, tiny_pipeline_dir):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_PROFILE.format(base=tiny_pipeline_dir, concepts=concepts))
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread during a test, the previous count restored afterwards. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, tiny_pipeline_dir):
+    """The attacked runs built once per session for the attack / evaluate / report tests
+    (:func:`attack_helpers.attacked_runs`)."""
+    from attack_helpers import attacked_runs
+
+    return attacked_runs(tmp_path_factory, tiny_pipeline_dir)

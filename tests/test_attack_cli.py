@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
-from attack_helpers import attack_runs, attacked_runs, copy_runs, invoke
+from attack_helpers import attack_runs, copy_runs, invoke
 from engine.evaluate import eval_steps, load_eval_images
 from engine.runs import RunReader, read_status
 
@@ -17,17 +16,7 @@ STEPS = [0, 1, 2]  # eval_at_start + eval_every = 1 over 2 attack steps
 CONCEPTS = ["strieker", "checkov", "ringo", "cellini"]  # g2's targets, then two others
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory, tiny_pipeline_dir):
-    return attacked_runs(tmp_path_factory, tiny_pipeline_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pairs(built):

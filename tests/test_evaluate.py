@@ -7,23 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from attack_helpers import attack_runs, attacked_runs, copy_runs, invoke
+from attack_helpers import attack_runs, copy_runs, invoke
 from engine.runs import RunReader, list_runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory, tiny_pipeline_dir):
-    return attacked_runs(tmp_path_factory, tiny_pipeline_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _immunized(runs, method):

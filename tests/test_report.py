@@ -9,25 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from attack_helpers import attack_runs, attacked_runs, copy_runs, invoke
+from attack_helpers import attack_runs, copy_runs, invoke
 from engine.report import PairSummary, build_report
 from engine.runs import RunReader
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory, tiny_pipeline_dir):
-    return attacked_runs(tmp_path_factory, tiny_pipeline_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _last_events(run_dir):
