@@ -35,7 +35,9 @@ def erase_cmd(
     Example: mima erase --profile testbed --group g3-1
     """
     from engine.erase import erase
+    from mima_cli.attack import quiet_model_loading
 
+    quiet_model_loading()
     p = load_profile_for(ctx, profile, set_)
     if p.erase.method != "uce":
         fail(f"{profile}: erase.method is {p.erase.method!r}; use --set erase.method=uce", 2)
@@ -67,7 +69,9 @@ def immunize_cmd(
     from engine.immunize import get_method
     from engine.immunize.runner import ImmunizationError, immunize
     from engine.runs import RunNotFound
+    from mima_cli.attack import quiet_model_loading
 
+    quiet_model_loading()
     # a resumed run continues with the profile saved in its directory
     p = None if resume else load_profile_for(ctx, profile, set_, {"steps": "immunize.steps", "gradient": "immunize.gradient"})
     if method is not None:

@@ -67,6 +67,9 @@ def check(
     """
     from engine.testbed import load_judge, load_pipeline
     from engine.testbed.check import GATES, MAX_SECONDS_PER_IMAGE, check_testbed
+    from mima_cli.attack import quiet_model_loading
+
+    quiet_model_loading()
 
     pipe, judge = load_pipeline(model), load_judge(judge_path)
     with stage_bars(transient=True) as bars:
@@ -107,6 +110,9 @@ def grid(
     """
     from engine.testbed import load_pipeline
     from engine.testbed.grid import concept_grid
+    from mima_cli.attack import quiet_model_loading
+
+    quiet_model_loading()
 
     pipe = load_pipeline(model)
     with stage_bars(transient=True) as bars:

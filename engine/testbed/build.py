@@ -38,7 +38,7 @@ class TestbedConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     judge_steps: int = 1200
-    unet_steps: int = 5000
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     unet_warmup: int = 200
