@@ -111,3 +111,28 @@ def test_random_pipeline_has_the_testbed_architecture():
     pipe = build_random_pipeline(TINY)
     assert pipe.unet.config.cross_attention_dim == TINY.text_width
     assert pipe.tokenizer.model_max_length == TINY.max_length
+
+
+from engine.testbed import JUDGE_FILE, PIPELINE_DIR  # noqa: E402
+
+needs_weights = pytest.mark.skipif(
+    not (PIPELINE_DIR / "model_index.json").exists() or not JUDGE_FILE.exists(),
+    reason="the trained testbed is not in the package yet (build it: mima testbed build --install)",
+)
+
+
+@needs_weights
+def test_shipped_pipeline_loads_and_judge_recognises_fresh_renders():
+    from diffusers import StableDiffusionPipeline
+
+    from engine.testbed import PIPELINE_DIR, load_judge, load_pipeline
+    from engine.testbed.judge import accuracy
+
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, local_files_only=True)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 128
+    assert pipe.safety_checker is None
+    assert load_pipeline().unet.dtype == torch.float32
+    judge = load_judge()
+    for concept in (*world.STYLES, *world.OBJECTS, *world.PERSONAL_BY_NAME):
+        images = world.concept_images(concept, 5, seed=31337)  # a seed no training batch used
+        assert accuracy(judge, images, concept) >= 0.8, concept

@@ -44,6 +44,8 @@ class TestbedConfig:
     unet_warmup: int = 200
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1
+    text_init_std: float = 0.5
+    snr_gamma: float = 5.0
     checkpoint_minutes: float = 3.0
     extra: dict = field(default_factory=dict)
 

@@ -169,6 +169,15 @@ class _EMA:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
 
 
+def _snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023): ``min(SNR, gamma) / SNR``; 1 if gamma=0."""
+    if not gamma:
+        return torch.ones(t.shape)
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
@@ -189,6 +198,8 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eva
 
     torch.manual_seed(seed + 1)
     unet, text = make_unet(cfg), make_text_encoder(cfg)
+    with torch.no_grad():  # distinct prompts must give distinct contexts from step 0 (CLIP's 0.02 makes them ~equal)
+        text.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
     params = [p for p in unet.parameters()] + [p for p in text.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = _EMA(params, cfg.ema_decay)
@@ -222,7 +233,8 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eva
         for group in opt.param_groups:
             group["lr"] = cfg.unet_lr * _cosine(step, cfg.unet_steps, cfg.unet_warmup)
         ctx = text(ids)[0]
-        loss = F.mse_loss(unet(xt, t, ctx).sample, noise)
+        err = (unet(xt, t, ctx).sample - noise).pow(2).flatten(1).mean(1)
+        loss = (err * _snr_weight(sched, t, cfg.snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
