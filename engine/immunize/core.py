@@ -119,7 +119,7 @@ class BiLevel:
         adapted = {}
         for k, p, g in zip(self.lower, theta_l, grads):
             adapted[k] = p - self.inner_lr * (g if create_graph else g.detach())
-        return adapted, float(loss)
+        return adapted, float(loss.detach())
 
     def _merge(self, adapted: list[dict]) -> tuple[dict, float]:
         if self.merge_fn is None:

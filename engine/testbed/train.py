@@ -123,7 +123,7 @@ def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> N
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        progress("vae", step + 1, cfg.vae_steps, {"loss": float(rec_loss)})
+        progress("vae", step + 1, cfg.vae_steps, {"loss": float(rec_loss.detach())})
         if clock.due() or step + 1 == cfg.vae_steps:
             _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt_path)
 
@@ -240,7 +240,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eva
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        info = {"loss": float(loss)}
+        info = {"loss": float(loss.detach())}
         if eval_every and (step + 1) % eval_every == 0 and (out / "judge.safetensors").exists():
             save(step + 1)
             info.update(_quick_eval(out, cfg, seed))
