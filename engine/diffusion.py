@@ -68,6 +68,15 @@ def prompts_rows(text_encoder, tokenizer, prompts: list[str], batch: int = 64) -
     return out
 
 
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU generator seeded by a JSON-able key (e.g. ``(seed, stage, step)``): a pure function of the key, so a
+    resumed loop draws exactly what an uninterrupted one would."""
+    import json
+    import zlib
+
+    return torch.Generator().manual_seed(zlib.crc32(json.dumps(key).encode()))
+
+
 def draw_noise(latents: torch.Tensor, generator: torch.Generator, num_train_timesteps: int = 1000):
     """Seeded ``(noise, timesteps)`` for a batch of latents (drawn on the CPU, moved to their device)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)

@@ -10,11 +10,9 @@ uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data import load_image_set
-from ..diffusion import concept_rows, encode_images, encode_prompts, prompts_rows, training_scheduler
+from ..diffusion import concept_rows, seeded_generator, encode_images, encode_prompts, prompts_rows, training_scheduler
 from ..editing import merge_projector
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
@@ -48,10 +46,6 @@ class ConceptData:
     prior: torch.Tensor  # [k, 4, h, w]
 
 
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(json.dumps(key).encode()) & 0x7FFFFFFFFFFF)
-
-
 def draw_batch(c: ConceptData, batch: int, gen: torch.Generator, num_train_timesteps: int = 1000) -> Batch:
     """``batch`` instance images of ``c`` and as many prior images, with noise and timesteps, from ``gen``."""
     ii = torch.randint(0, len(c.latents), (batch,), generator=gen)
@@ -65,7 +59,7 @@ def draw_batch(c: ConceptData, batch: int, gen: torch.Generator, num_train_times
 
 def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: int, step: int) -> list[Task]:
     def draw(c: ConceptData, level: str) -> Batch:
-        return draw_batch(c, batch, _gen(seed, step, c.name, level))
+        return draw_batch(c, batch, seeded_generator(seed, step, c.name, level))
 
     if spec.tasks == "joint":
         return [Task("joint", Batch.cat([draw(c, "lower") for c in concepts]),
@@ -74,6 +68,19 @@ def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: 
 
 
 # ------------------------------------------------------------------------------------------- preparation
+
+
+def lower_set(spec: MethodSpec, s) -> str:
+    """The lower-level parameter set: the method's own, IMMA's adaptation, or ``[immunize] lower``."""
+    if spec.lower:
+        return spec.lower
+    if spec.name == "imma" and s.imma_adaptation != "lora":
+        return s.imma_adaptation
+    return s.lower_set
+
+
+def upper_set(spec: MethodSpec, s) -> str:
+    return spec.upper or s.upper_set
 
 
 @dataclass
@@ -107,9 +114,8 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
             encode_images(vae, imgs, size), encode_images(vae, prior, size)))
         if progress:
             progress("data", i + 1, len(targets), {"concept": c.name})
-    lower = param_names(unet, spec.lower or (s.imma_adaptation if spec.name == "imma" and s.imma_adaptation != "lora"
-                                              else s.lower_set))
-    upper = param_names(unet, spec.upper or s.upper_set)
+    lower = param_names(unet, lower_set(spec, s))
+    upper = param_names(unet, upper_set(spec, s))
     kv = set(kv_layer_names(unet)) & set(lower)
     projector = None
     if spec.merge and len(concepts) > 1 and kv or spec.algorithm == "alternating":
@@ -367,8 +373,8 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         group=group, concepts=[c.name for c in targets], parent=parent_id or (None if parent_ref == base else parent_ref),
         base_model_hash=model_hash(pipe), run_id=resume, resume=bool(resume),
         extra={"parent_model": str(parent_ref), "base": base, "anchor": profile.immunize.merge.anchor,
-               "gradient": profile.immunize.gradient, "lower": setup.lower and (spec.lower or profile.immunize.lower_set),
-               "upper": spec.upper or profile.immunize.upper_set, "others": [c.name for c in others]},
+               "gradient": profile.immunize.gradient, "lower": lower_set(spec, profile.immunize),
+               "upper": upper_set(spec, profile.immunize), "others": [c.name for c in others]},
     )
     with writer:
         start = load_checkpoint(writer.dir, setup, opt) if resume else 0
@@ -378,7 +384,8 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         with _DeferredInterrupt() as intr:
             last = run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
         save_checkpoint(writer.dir, setup, opt, last)
-        pipe.unet.set_default_attn_processor() if profile.immunize.gradient == "exact" else None
+        if profile.immunize.gradient == "exact":
+            pipe.unet.set_default_attn_processor()
         for p in pipe.unet.parameters():
             p.requires_grad_(False)
         save_model(pipe, writer.dir / "model", base=base, full=False)

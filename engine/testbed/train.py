@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..diffusion import images_to_tensor, seeded_generator, tokenize
 from . import world
 from .build import DEFAULT, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
 
@@ -29,11 +29,6 @@ STAGES = ("data", "vae", "latents", "judge", "unet", "export")
 
 def _noop(stage: str, step: int, total: int, info: dict) -> None:
     pass
-
-
-def _gen(seed: int, stage: str, step: int) -> torch.Generator:
-    """The generator of one training step: a pure function of (seed, stage, step), so resuming is exact."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{stage}/{step}".encode()))
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -65,11 +60,6 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
         return (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -108,9 +98,9 @@ def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> N
     clock = _Clock(cfg.checkpoint_minutes)
     vae.train()
     for step in range(start, cfg.vae_steps):
-        g = _gen(seed, "vae", step)
+        g = seeded_generator(seed, "vae", step)
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
-        x = _to_tensor(images[idx.numpy()])
+        x = images_to_tensor(images[idx.numpy()])
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, 50)
         post = vae.encode(x).latent_dist
@@ -141,7 +131,7 @@ def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) 
     chunk = 256
     with torch.no_grad():
         for i in range(0, len(images), chunk):
-            lat[i : i + chunk] = vae.encode(_to_tensor(images[i : i + chunk])).latent_dist.mean
+            lat[i : i + chunk] = vae.encode(images_to_tensor(images[i : i + chunk])).latent_dist.mean
             progress("latents", min(i + chunk, len(images)), len(images), {})
     scale = float(1.0 / lat.std())
     _atomic_save({"latents": lat.half(), "scaling_factor": torch.tensor(scale)}, out / "latents.pt")
@@ -178,11 +168,6 @@ def _snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eval_every: int = 1000) -> None:
     from diffusers import DDPMScheduler
 
@@ -192,8 +177,8 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eva
     scale = float(lat_ck["scaling_factor"])
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     uniq, inverse = np.unique(data["prompts"], return_inverse=True)
-    uniq_ids = _token_ids(tokenizer, list(uniq))
-    empty_ids = _token_ids(tokenizer, [""])[0]
+    uniq_ids = tokenize(tokenizer, list(uniq))
+    empty_ids = tokenize(tokenizer, [""])[0]
     inverse = torch.from_numpy(inverse.astype(np.int64))
 
     torch.manual_seed(seed + 1)
@@ -221,7 +206,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eva
                       "ema": ema.shadow, "step": step}, ckpt_path)
 
     for step in range(start, cfg.unet_steps):
-        g = _gen(seed, "unet", step)
+        g = seeded_generator(seed, "unet", step)
         idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
         x0 = latents[idx].float() * scale
         ids = uniq_ids[inverse[idx]]
