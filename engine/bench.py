@@ -117,19 +117,20 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    # plain fine-tuning step
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
-    core0 = BiLevel(unet, sched, names, upper, inner_lr, 1.0, "first-order")
-    (task,) = synthetic_tasks(1, unet, text, dev)
+    def plain_step():
+        """A plain fine-tuning step; its AdamW state is freed once the measurement drops the step."""
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+        core0 = BiLevel(unet, sched, names, upper, inner_lr, 1.0, "first-order")
+        (task,) = synthetic_tasks(1, unet, text, dev)
 
-    def plain():
-        loss = core0.inner_objective({}, task.lower)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step():
+            core0.inner_objective({}, task.lower).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    record("plain", "fine-tune", 1, plain)
-    del opt
+        return step
+
+    record("plain", "fine-tune", 1, plain_step())
     for p in unet.parameters():
         p.grad = None
     up_opt = torch.optim.AdamW([dict(unet.named_parameters())[k] for k in upper], lr=1e-6, maximize=True)
