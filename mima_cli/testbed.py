@@ -22,6 +22,7 @@ def build(
     tiny: bool = typer.Option(False, "--tiny", help="A seconds-long build of a tiny configuration (smoke test)."),
     install: bool = typer.Option(False, "--install", help="Copy the result into the package as the shipped testbed."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    device: str = typer.Option("cpu", help="Where to train the VAE, judge and UNet (cpu, cuda, cuda:1, ...)."),
 ) -> None:
     """Retrain the testbed from scratch (world renders, VAE, judge, UNet + text encoder), seeded and resumable.
 
@@ -40,7 +41,7 @@ def build(
     t0 = time.monotonic()
     try:
         with stage_bars() as bars:
-            timings = build_testbed(out, cfg, seed=seed, progress=bars)
+            timings = build_testbed(out, cfg, seed=seed, progress=bars, device=device)
     except ValueError as e:
         fail(e, 2)
     for stage, seconds in timings.items():

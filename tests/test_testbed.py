@@ -87,6 +87,18 @@ def test_tiny_build_trains_exports_and_resumes(tmp_path):
         build_testbed(tmp_path, TINY.__class__(**{**TINY.to_dict(), "unet_steps": 3}))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_build_on_cuda_exports_a_cpu_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from engine.testbed.train import build_testbed
+
+    build_testbed(tmp_path, TINY, seed=0, device="cuda")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
+    assert pipe.unet.device.type == "cpu"
+
+
 def test_unet_stage_resume_equals_uninterrupted(tmp_path):
     """Stopping after step 1 and resuming gives the same weights as 2 uninterrupted steps."""
     import dataclasses
@@ -105,6 +117,18 @@ def test_unet_stage_resume_equals_uninterrupted(tmp_path):
     assert ka["step"] == kb["step"] == 2
     for k in ka["unet"]:
         torch.testing.assert_close(ka["unet"][k], kb["unet"][k], rtol=0, atol=0)
+
+
+def test_unet_mix_weights_draw_each_kind_in_its_proportion():
+    from engine.testbed.train import _mix_weights
+
+    items = world.training_items(2000, seed=1)
+    labels = np.array([it.labels() for it in items])
+    w = _mix_weights(labels, (0.4, 0.4, 0.12, 0.08))
+    assert torch.isclose(w.sum(), torch.tensor(1.0, dtype=w.dtype))
+    kind = lambda it: 0 if it.style and not it.object else 1 if it.object and not it.style else 2 if it.style else 3
+    share = np.bincount([kind(it) for it in items], weights=w.numpy(), minlength=4)
+    np.testing.assert_allclose(share, [0.4, 0.4, 0.12, 0.08], atol=1e-9)
 
 
 def test_random_pipeline_has_the_testbed_architecture():

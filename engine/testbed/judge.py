@@ -554,6 +554,7 @@ def train_judge(
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     model_config: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Judge:
     """Train a judge on freshly rendered world batches; deterministic in ``seed`` and resumable.
 
@@ -577,7 +578,7 @@ def train_judge(
         raise ValueError("steps must be >= 0 and batch >= 1")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Judge(**(model_config or {}))
+        model = Judge(**(model_config or {})).to(device)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
     run = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "weight_decay": weight_decay,
            "model": model.config, "extra_images": extra_images_fn is not None}
@@ -605,6 +606,7 @@ def train_judge(
         x, gray = augment(x, gen)
         y = y.clone()
         y[gray, 2] = IGNORE
+        x, y = x.to(device), y.to(device)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
         out = model.logits(x)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..diffusion import images_to_tensor, seeded_generator, tokenize
 from . import world
-from .build import DEFAULT, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
+from .build import DEFAULT, NOISE_SCHEDULE, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
 
 Progress = Callable[[str, int, int, dict], None]
 STAGES = ("data", "vae", "latents", "judge", "unet", "export")
@@ -65,7 +65,7 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
 # ----------------------------------------------------------------------------------------------- stages
 
 
-def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
     items = world.training_items(cfg.n_images, seed)
     images = np.zeros((len(items), cfg.image_size, cfg.image_size, 3), np.uint8)
     chunk = 1000
@@ -85,10 +85,10 @@ def _data(out: Path) -> dict:
         return {k: d[k] for k in d.files}
 
 
-def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
     images = _data(out)["images"]
     torch.manual_seed(seed)
-    vae = make_vae(cfg)
+    vae = make_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt_path, start = out / "vae.ckpt", 0
     if (ck := _load(ckpt_path)) is not None:
@@ -100,11 +100,11 @@ def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> N
     for step in range(start, cfg.vae_steps):
         g = seeded_generator(seed, "vae", step)
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
-        x = images_to_tensor(images[idx.numpy()])
+        x = images_to_tensor(images[idx.numpy()]).to(device)
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, 50)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
         rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
@@ -124,27 +124,28 @@ def _trained_vae(out: Path, cfg: TestbedConfig):
     return vae.eval()
 
 
-def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
     images = _data(out)["images"]
-    vae = _trained_vae(out, cfg)
+    vae = _trained_vae(out, cfg).to(device)
     lat = torch.zeros(len(images), 4, cfg.latent_size, cfg.latent_size)
     chunk = 256
     with torch.no_grad():
         for i in range(0, len(images), chunk):
-            lat[i : i + chunk] = vae.encode(images_to_tensor(images[i : i + chunk])).latent_dist.mean
+            x = images_to_tensor(images[i : i + chunk]).to(device)
+            lat[i : i + chunk] = vae.encode(x).latent_dist.mean.cpu()
             progress("latents", min(i + chunk, len(images)), len(images), {})
     scale = float(1.0 / lat.std())
     _atomic_save({"latents": lat.half(), "scaling_factor": torch.tensor(scale)}, out / "latents.pt")
 
 
-def stage_judge(out: Path, cfg: TestbedConfig, seed: int, progress: Progress) -> None:
+def stage_judge(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
     from .judge import save_judge, train_judge
 
     judge = train_judge(
-        steps=cfg.judge_steps, seed=seed, checkpoint_path=out / "judge.ckpt",
+        steps=cfg.judge_steps, seed=seed, checkpoint_path=out / "judge.ckpt", device=device,
         progress=lambda s, t, info: progress("judge", s, t, info),
     )
-    save_judge(judge, out / "judge.safetensors")
+    save_judge(judge.cpu(), out / "judge.safetensors")
 
 
 class _EMA:
@@ -168,27 +169,40 @@ def _snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eval_every: int = 1000) -> None:
+def _mix_weights(labels: np.ndarray, mix: tuple[float, ...]) -> torch.Tensor:
+    """Per-image sampling weights so that styles, objects, compositions and class-prompt images are drawn in the
+    proportions ``mix`` (the gated style and object prompts get most of the UNet's few CPU steps)."""
+    has_style, has_object = labels[:, 0] < len(world.STYLES), labels[:, 1] < len(world.OBJECTS)
+    kinds = np.select([has_style & ~has_object, has_object & ~has_style, has_style & has_object], [0, 1, 2], 3)
+    counts = np.bincount(kinds, minlength=4)
+    w = np.asarray(mix, np.float64)[kinds] / np.maximum(counts[kinds], 1)
+    return torch.from_numpy(w / w.sum())
+
+
+def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu",
+               eval_every: int = 1000) -> None:
     from diffusers import DDPMScheduler
 
     data = _data(out)
     lat_ck = _load(out / "latents.pt")
-    latents = lat_ck["latents"]
+    latents = lat_ck["latents"].to(device)
     scale = float(lat_ck["scaling_factor"])
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     uniq, inverse = np.unique(data["prompts"], return_inverse=True)
     uniq_ids = tokenize(tokenizer, list(uniq))
     empty_ids = tokenize(tokenizer, [""])[0]
     inverse = torch.from_numpy(inverse.astype(np.int64))
+    weights = _mix_weights(data["labels"], cfg.unet_mix)
 
     torch.manual_seed(seed + 1)
-    unet, text = make_unet(cfg), make_text_encoder(cfg)
+    unet, text = make_unet(cfg).to(device), make_text_encoder(cfg).to(device)
+    uniq_ids, empty_ids = uniq_ids.to(device), empty_ids.to(device)
     with torch.no_grad():  # distinct prompts must give distinct contexts from step 0 (CLIP's 0.02 makes them ~equal)
         text.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
     params = [p for p in unet.parameters()] + [p for p in text.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = _EMA(params, cfg.ema_decay)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched = DDPMScheduler(**NOISE_SCHEDULE)
     ckpt_path, start = out / "unet.ckpt", 0
     if (ck := _load(ckpt_path)) is not None:
         unet.load_state_dict(ck["unet"])
@@ -207,19 +221,21 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, eva
 
     for step in range(start, cfg.unet_steps):
         g = seeded_generator(seed, "unet", step)
-        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
-        x0 = latents[idx].float() * scale
-        ids = uniq_ids[inverse[idx]]
+        idx = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g)
+        x0 = latents[idx.to(device)].float() * scale
+        ids = uniq_ids[inverse[idx].to(device)]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.prompt_dropout
-        ids = torch.where(drop[:, None], empty_ids[None], ids)
-        noise = torch.randn(x0.shape, generator=g)
+        ids = torch.where(drop[:, None].to(device), empty_ids[None], ids)
+        noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        snr_w = _snr_weight(sched, t, cfg.snr_gamma).to(device)
+        t = t.to(device)
         xt = sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = cfg.unet_lr * _cosine(step, cfg.unet_steps, cfg.unet_warmup)
         ctx = text(ids)[0]
         err = (unet(xt, t, ctx).sample - noise).pow(2).flatten(1).mean(1)
-        loss = (err * _snr_weight(sched, t, cfg.snr_gamma)).mean()
+        loss = (err * snr_w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -275,9 +291,12 @@ STAGE_FNS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "ju
 
 
 def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, progress: Progress | None = None,
-                  stages: tuple[str, ...] = STAGES) -> dict:
+                  stages: tuple[str, ...] = STAGES, device: str = "cpu") -> dict:
     """Run (or resume) every stage into ``out``; the final pipeline lands in ``out/pipeline`` and the judge in
-    ``out/judge.safetensors``. Returns ``{stage: seconds}`` of the stages run in this call and earlier ones."""
+    ``out/judge.safetensors``. Returns ``{stage: seconds}`` of the stages run in this call and earlier ones.
+
+    ``device`` trains the VAE, the judge and the UNet there (e.g. ``"cuda"``); batches and noise are still drawn on
+    the CPU from the step-indexed generators, so a build resumes on another device (with that device's rounding)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or _noop
@@ -295,7 +314,7 @@ def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, 
         if stage == "export":
             export_pipeline(out, cfg, out / "pipeline")
         else:
-            STAGE_FNS[stage](out, cfg, seed, progress)
+            STAGE_FNS[stage](out, cfg, seed, progress, device=device)
         timings[stage] = timings.get(stage, 0.0) + time.monotonic() - t0
         timings_path.write_text(json.dumps(timings, indent=1))
         (out / f"{stage}.done").write_text("")
