@@ -37,6 +37,12 @@ def build(
 
     if threads:
         torch.set_num_threads(threads)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)", 2)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device!r}: no CUDA device is available here", 2)
     cfg = tb_build.TINY if tiny else tb_build.DEFAULT
     t0 = time.monotonic()
     try:

@@ -160,3 +160,17 @@ def test_shipped_pipeline_loads_and_judge_recognises_fresh_renders():
     for concept in (*world.STYLES, *world.OBJECTS, *world.PERSONAL_BY_NAME):
         images = world.concept_images(concept, 5, seed=31337)  # a seed no training batch used
         assert accuracy(judge, images, concept) >= 0.8, concept
+
+
+@pytest.mark.parametrize("device, message", [("foo", "not a torch device"), ("cuda:99", "no CUDA device")])
+def test_build_rejects_a_bad_device_before_any_work(tmp_path, device, message):
+    from typer.testing import CliRunner
+
+    from mima_cli.app import app
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    res = CliRunner().invoke(app, ["testbed", "build", "--tiny", "--out", str(tmp_path / "b"), "--device", device])
+    assert res.exit_code == 2
+    assert message in res.output
+    assert not (tmp_path / "b").exists()
