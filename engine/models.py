@@ -31,9 +31,17 @@ class ModelNotAvailable(FileNotFoundError):
 
 
 def pick_device(spec: str = "auto") -> torch.device:
+    """The torch device ``spec`` names (``auto``: CUDA if there is one); ``ValueError`` with a one-line message for a
+    name torch does not know or a CUDA device this machine does not have."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device {spec!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: no CUDA device is available here")
+    return dev
 
 
 def pick_dtype(name: str) -> torch.dtype:

@@ -22,7 +22,7 @@ def build(
     tiny: bool = typer.Option(False, "--tiny", help="A seconds-long build of a tiny configuration (smoke test)."),
     install: bool = typer.Option(False, "--install", help="Copy the result into the package as the shipped testbed."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
-    device: str = typer.Option("cpu", help="Where to train the VAE, judge and UNet (cpu, cuda, cuda:1, ...)."),
+    device: str = typer.Option("cpu", help="Where to train the VAE, judge and UNet (cpu, cuda, cuda:1, auto)."),
 ) -> None:
     """Retrain the testbed from scratch (world renders, VAE, judge, UNet + text encoder), seeded and resumable.
 
@@ -32,22 +32,21 @@ def build(
     """
     import torch
 
+    from engine.models import pick_device
     from engine.testbed import JUDGE_FILE, PIPELINE_DIR, build as tb_build
     from engine.testbed.train import build_testbed
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        fail(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)", 2)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device!r}: no CUDA device is available here", 2)
+        dev = pick_device(device)
+    except ValueError as e:
+        fail(f"--device: {e}", 2)
     cfg = tb_build.TINY if tiny else tb_build.DEFAULT
     t0 = time.monotonic()
     try:
         with stage_bars() as bars:
-            timings = build_testbed(out, cfg, seed=seed, progress=bars, device=device)
+            timings = build_testbed(out, cfg, seed=seed, progress=bars, device=str(dev))
     except ValueError as e:
         fail(e, 2)
     for stage, seconds in timings.items():
