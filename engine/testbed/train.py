@@ -191,7 +191,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     uniq, inverse = np.unique(data["prompts"], return_inverse=True)
     uniq_ids = tokenize(tokenizer, list(uniq))
     empty_ids = tokenize(tokenizer, [""])[0]
-    inverse = torch.from_numpy(inverse.astype(np.int64))
+    inverse = torch.from_numpy(inverse.astype(np.int64)).to(device)
     weights = _mix_weights(data["labels"], cfg.unet_mix)
 
     torch.manual_seed(seed + 1)
@@ -221,9 +221,9 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
 
     for step in range(start, cfg.unet_steps):
         g = seeded_generator(seed, "unet", step)
-        idx = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g)
-        x0 = latents[idx.to(device)].float() * scale
-        ids = uniq_ids[inverse[idx].to(device)]
+        idx = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g).to(device)
+        x0 = latents[idx].float() * scale
+        ids = uniq_ids[inverse[idx]]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.prompt_dropout
         ids = torch.where(drop[:, None].to(device), empty_ids[None], ids)
         noise = torch.randn(x0.shape, generator=g).to(device)
