@@ -49,6 +49,12 @@ def plot_points(screen: RunScreen, group: str) -> dict[str, int]:
     return {label: len(points) for label, points in plot.series.items()} if plot else {}
 
 
+def drawn_steps(screen) -> set:
+    """The steps the run screen's thumbnails show, once each is mounted and drawn (a new one is drawn on mount)."""
+    return {t.step if t.is_mounted and t._shown is not None and t._shown[2] == t.step else None
+            for t in screen._thumbs.values()}
+
+
 async def test_run_screen_follows_an_appended_run(demo):
     demo.step(1)
     app = MimaTui(demo.attack.dir.parent, IDS["attack"], interval=0.05)
@@ -61,7 +67,7 @@ async def test_run_screen_follows_an_appended_run(demo):
         for step in range(2, 5):  # appended while the app runs
             demo.step(step)
         await until(pilot, lambda: plot_points(screen, "loss") == {"Van Gogh": 4, "Picasso": 4}, what="curves")
-        await until(pilot, lambda: {t.step for t in screen._thumbs.values()} == {4}, what="thumbnails")
+        await until(pilot, lambda: drawn_steps(screen) == {4}, what="thumbnails")
         thumb = screen._thumbs["eval/Van Gogh"]
         assert thumb.query_one(".thumb-image").display and "Van Gogh · step 4" in str(thumb.query_one(".thumb-caption").render())
         table = screen.query_one("#metrics-table")
@@ -170,14 +176,12 @@ async def test_images_off_and_missing_files(demo):
     app = MimaTui(demo.attack.dir.parent, IDS["immunize"], interval=0.05)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
-        await until(pilot, lambda: len(screen._thumbs) == 2 and all(t.step == 2 for t in screen._thumbs.values()))
-        await pilot.pause(0.1)
+        await until(pilot, lambda: len(screen._thumbs) == 2 and drawn_steps(screen) == {2})
         assert all(str(t.query_one(".thumb-missing").render()) == "image missing" for t in screen._thumbs.values())
     off = MimaTui(demo.attack.dir.parent, IDS["attack"], images="none", interval=0.05)
     async with off.run_test(size=(80, 24)) as pilot:
         screen = off.screen
-        await until(pilot, lambda: len(screen._thumbs) == 2 and all(t.step == 2 for t in screen._thumbs.values()))
-        await pilot.pause(0.1)
+        await until(pilot, lambda: len(screen._thumbs) == 2 and drawn_steps(screen) == {2})
         assert not screen.query(Thumbnail).first().query(".thumb-image")
 
 

@@ -218,6 +218,11 @@ def test_watcher_survives_truncated_lines_garbage_and_deletion(tmp_path):
     (batch,) = sink.of(RunEvents)
     assert batch.reset and len(batch.events) == 1
 
+    run.events_path.unlink()  # caught mid-deletion (rmtree removes the files first): what was read stays
+    sink.clear()
+    watcher.poll_once()
+    assert sink.of(RunEvents) == [] and sink.of(RunGone) == []
+
     shutil.rmtree(runs / "r1")
     sink.clear()
     watcher.poll_once()

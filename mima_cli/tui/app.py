@@ -14,6 +14,7 @@ from pathlib import Path
 
 from textual.app import App
 from textual.binding import Binding
+from textual.css.query import NoMatches
 
 from mima_cli.tui.data import RunData, RunSummary
 from mima_cli.tui.screens import HelpScreen, RunScreen, RunsScreen, SyncScreen
@@ -110,7 +111,10 @@ class MimaTui(App[None]):
         self._dirty = False
         screen = self.screen
         if isinstance(screen, SyncScreen):
-            screen.sync()
+            try:
+                screen.sync()
+            except NoMatches:  # the screen's widgets are being mounted or torn down (app exit): retry next tick
+                self._dirty = True
 
     # -- used by the screens --------------------------------------------------------------------
 

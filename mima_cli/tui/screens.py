@@ -302,7 +302,6 @@ class RunScreen(SyncScreen):
         )
         if seen == self._seen:
             return
-        self._seen = seen
         self.show_header(data)
         if data is not None:
             self.show_curves(data)
@@ -310,6 +309,7 @@ class RunScreen(SyncScreen):
             self.show_metrics(data)
             self.show_log(data)
         self.show_compare(data, twin_data)
+        self._seen = seen  # only once everything is drawn: a sync cut short redraws at the next tick
 
     def show_header(self, data: RunData | None) -> None:
         """Three lines that never wrap: state and id; progress, rate, ETA; what and links (or the error)."""

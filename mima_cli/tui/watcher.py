@@ -176,8 +176,8 @@ class RunsWatcher:
             reset = follower is None
             if follower is None:
                 follower = self._full[run_id] = EventFollower(tracked.dir / EVENTS_FILE)
-            elif _size(follower.path) < follower.offset:
-                reset = True  # replaced by a shorter file: EventFollower starts again at 0
+            elif 0 <= _size(follower.path) < follower.offset:
+                reset = True  # replaced by a shorter file: EventFollower starts again at 0 (missing: being deleted)
             events = follower.poll()
             if not events and not reset:
                 continue
