@@ -24,7 +24,7 @@ def build(
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", help="Where to train the VAE, judge and UNet (cpu, cuda, cuda:1, auto)."),
 ) -> None:
-    """Retrain the testbed from scratch (world renders, VAE, judge, UNet + text encoder), seeded and resumable.
+    """Retrain the testbed from scratch (world renders, VAE, judge, text encoder, UNet), seeded and resumable.
 
     Re-running the same command after an interruption resumes from the last checkpoint.
 

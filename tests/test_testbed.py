@@ -70,8 +70,8 @@ def test_tiny_build_trains_exports_and_resumes(tmp_path):
 
     seen = []
     timings = build_testbed(tmp_path, TINY, seed=0, progress=lambda *a: seen.append(a[0]))
-    assert set(timings) == {"data", "vae", "latents", "judge", "unet", "export"}
-    assert {"data", "vae", "latents", "judge", "unet"} <= set(seen)
+    assert set(timings) == {"data", "vae", "latents", "judge", "text", "unet", "export"}
+    assert {"data", "vae", "latents", "judge", "text", "unet"} <= set(seen)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
     assert pipe.safety_checker is None
     assert pipe.text_encoder.config.hidden_size == TINY.text_width
@@ -108,7 +108,7 @@ def test_unet_stage_resume_equals_uninterrupted(tmp_path):
 
     cfg = dataclasses.replace(TINY, unet_steps=2)
     a, b = tmp_path / "a", tmp_path / "b"
-    train.build_testbed(a, cfg, stages=("data", "vae", "latents"))
+    train.build_testbed(a, cfg, stages=("data", "vae", "latents", "text"))
     shutil.copytree(a, b)
     train.stage_unet(a, cfg, 0, train._noop, eval_every=0)
     train.stage_unet(b, dataclasses.replace(cfg, unet_steps=1), 0, train._noop, eval_every=0)
@@ -117,6 +117,35 @@ def test_unet_stage_resume_equals_uninterrupted(tmp_path):
     assert ka["step"] == kb["step"] == 2
     for k in ka["unet"]:
         torch.testing.assert_close(ka["unet"][k], kb["unet"][k], rtol=0, atol=0)
+
+
+def test_text_stage_spreads_each_prompt_over_its_eos_and_padding(tmp_path):
+    """After the text stage, prompts that differ only in their object differ at EOS and padding too (a random
+    encoder changes only the object's own token and what attends to it, and the UNet then ignores the prompt)."""
+    import dataclasses
+
+    from engine.diffusion import tokenize
+    from engine.testbed import train
+    from engine.testbed.build import make_text_encoder, make_tokenizer
+
+    cfg = dataclasses.replace(TINY, n_images=400, text_steps=60)
+    train.build_testbed(tmp_path, cfg, stages=("data", "text"))
+    tok = make_tokenizer(cfg, tmp_path / "tokenizer")
+    ids = tokenize(tok, [world.object_prompt(o) for o in world.OBJECTS])
+    tail = slice(int((ids[0] == tok.eos_token_id).int().argmax()), None)  # same length for every object prompt
+
+    def tail_spread(text) -> float:
+        with torch.no_grad():
+            h = text(ids)[0][:, tail]
+        return float((h - h.mean(0)).norm(dim=-1).mean() / h.norm(dim=-1).mean())
+
+    trained = make_text_encoder(cfg)
+    trained.load_state_dict(train._load(tmp_path / "text.ckpt")["text"])
+    torch.manual_seed(2)
+    untrained = make_text_encoder(cfg)
+    with torch.no_grad():
+        untrained.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
+    assert tail_spread(trained) > 3 * tail_spread(untrained)
 
 
 def test_unet_mix_weights_draw_each_kind_in_its_proportion():

@@ -38,6 +38,9 @@ class TestbedConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     judge_steps: int = 1200
+    # text pretraining: every training prompt's (style, object) is made readable from its EOS and padding tokens
+    text_steps: int = 150
+    text_lr: float = 1e-3
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 1.5e-3
@@ -63,7 +66,7 @@ DEFAULT = TestbedConfig()
 TINY = TestbedConfig(
     text_width=32, text_layers=1, text_heads=2, max_length=16, unet_channels=(16, 32), unet_norm_groups=8,
     unet_heads=2, vae_channels=(8, 16), vae_norm_groups=4, sample_steps=2, n_images=64, vae_steps=2, vae_batch=4,
-    judge_steps=2, unet_steps=2, unet_batch=4, unet_warmup=1, checkpoint_minutes=0.0,
+    judge_steps=2, text_steps=2, unet_steps=2, unet_batch=4, unet_warmup=1, checkpoint_minutes=0.0,
 )
 
 

@@ -1,4 +1,5 @@
-"""Train the testbed from scratch: render data, train the VAE, the judge, then the UNet + text encoder jointly.
+"""Train the testbed from scratch: render data, train the VAE and the judge, pretrain the text encoder, then train
+the UNet and the text encoder jointly.
 
 ``build_testbed(out)`` runs the stages in order. Each stage is seeded and step-indexed (batch ``k`` is drawn
 from a generator seeded by ``(seed, stage, k)``), checkpoints itself every ``checkpoint_minutes`` with an atomic
@@ -24,7 +25,7 @@ from . import world
 from .build import DEFAULT, NOISE_SCHEDULE, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
 
 Progress = Callable[[str, int, int, dict], None]
-STAGES = ("data", "vae", "latents", "judge", "unet", "export")
+STAGES = ("data", "vae", "latents", "judge", "text", "unet", "export")
 
 
 def _noop(stage: str, step: int, total: int, info: dict) -> None:
@@ -148,6 +149,50 @@ def stage_judge(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, de
     save_judge(judge.cpu(), out / "judge.safetensors")
 
 
+def _prompt_table(prompts: np.ndarray, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of the distinct training prompts, and each training image's index into them."""
+    uniq, inverse = np.unique(prompts, return_inverse=True)
+    return tokenize(tokenizer, list(uniq)), torch.from_numpy(inverse.astype(np.int64))
+
+
+def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
+    """Pretrain the text encoder so that every position from EOS on carries the prompt's (style, object).
+
+    A CLIP text encoder trained from random weights together with the UNet keeps the concept in its own token and
+    leaves EOS and padding (most of the cross-attention context) nearly identical across prompts, so the UNet learns
+    to ignore the prompt. SD's pretrained CLIP spreads the prompt over every position; this stage gives the tiny
+    encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
+    object"). Full batch, deterministic, a few seconds; the probe is thrown away."""
+    data = _data(out)
+    tokenizer = make_tokenizer(cfg, out / "tokenizer")
+    ids, inverse = _prompt_table(data["prompts"], tokenizer)
+    first = np.unique(inverse.numpy(), return_index=True)[1]
+    labels = torch.from_numpy(data["labels"][first, :2])
+    ids = torch.cat([ids, tokenize(tokenizer, [""])])
+    labels = torch.cat([labels, torch.tensor([[len(world.STYLES), len(world.OBJECTS)]])])
+    eos = (ids == tokenizer.eos_token_id).int().argmax(1)
+    tail = torch.arange(ids.shape[1])[None] >= eos[:, None]
+    labels = labels[:, None].expand(-1, ids.shape[1], -1)[tail].to(device)
+    ids, tail = ids.to(device), tail.to(device)
+
+    torch.manual_seed(seed + 2)
+    text = make_text_encoder(cfg).to(device)
+    with torch.no_grad():  # distinct prompts must give distinct contexts from step 0 (CLIP's 0.02 makes them ~equal)
+        text.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
+    n_style = len(world.STYLES) + 1
+    probe = torch.nn.Linear(cfg.text_width, n_style + len(world.OBJECTS) + 1).to(device)
+    opt = torch.optim.AdamW([*text.parameters(), *probe.parameters()], lr=cfg.text_lr)
+    text.train()
+    for step in range(cfg.text_steps):
+        logits = probe(text(ids)[0][tail])
+        loss = F.cross_entropy(logits[:, :n_style], labels[:, 0]) + F.cross_entropy(logits[:, n_style:], labels[:, 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress("text", step + 1, cfg.text_steps, {"loss": float(loss.detach())})
+    _atomic_save({"text": text.cpu().state_dict()}, out / "text.ckpt")
+
+
 class _EMA:
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params = params
@@ -188,17 +233,15 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     latents = lat_ck["latents"].to(device)
     scale = float(lat_ck["scaling_factor"])
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
-    uniq, inverse = np.unique(data["prompts"], return_inverse=True)
-    uniq_ids = tokenize(tokenizer, list(uniq))
+    uniq_ids, inverse = _prompt_table(data["prompts"], tokenizer)
     empty_ids = tokenize(tokenizer, [""])[0]
-    inverse = torch.from_numpy(inverse.astype(np.int64)).to(device)
     weights = _mix_weights(data["labels"], cfg.unet_mix)
 
     torch.manual_seed(seed + 1)
-    unet, text = make_unet(cfg).to(device), make_text_encoder(cfg).to(device)
-    uniq_ids, empty_ids = uniq_ids.to(device), empty_ids.to(device)
-    with torch.no_grad():  # distinct prompts must give distinct contexts from step 0 (CLIP's 0.02 makes them ~equal)
-        text.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
+    unet, text = make_unet(cfg), make_text_encoder(cfg)
+    text.load_state_dict(_load(out / "text.ckpt")["text"])
+    unet, text = unet.to(device), text.to(device)
+    uniq_ids, empty_ids, inverse = uniq_ids.to(device), empty_ids.to(device), inverse.to(device)
     params = [p for p in unet.parameters()] + [p for p in text.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = _EMA(params, cfg.ema_decay)
@@ -287,7 +330,8 @@ def _quick_eval(out: Path, cfg: TestbedConfig, seed: int, n: int = 4) -> dict:
             "worst": min(accs, key=accs.get)}
 
 
-STAGE_FNS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "judge": stage_judge, "unet": stage_unet}
+STAGE_FNS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "judge": stage_judge, "text": stage_text,
+             "unet": stage_unet}
 
 
 def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, progress: Progress | None = None,
