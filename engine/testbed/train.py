@@ -1,5 +1,5 @@
-"""Train the testbed from scratch: render data, train the VAE and the judge, pretrain the text encoder, then train
-the UNet and the text encoder jointly.
+"""Train the testbed from scratch: render data, train the VAE and the judge, train the text encoder, then the UNet
+on the frozen text encoder (as Stable Diffusion's UNet was trained on a frozen CLIP).
 
 ``build_testbed(out)`` runs the stages in order. Each stage is seeded and step-indexed (batch ``k`` is drawn
 from a generator seeded by ``(seed, stage, k)``), checkpoints itself every ``checkpoint_minutes`` with an atomic
@@ -155,14 +155,23 @@ def _prompt_table(prompts: np.ndarray, tokenizer) -> tuple[torch.Tensor, torch.T
     return tokenize(tokenizer, list(uniq)), torch.from_numpy(inverse.astype(np.int64))
 
 
+def _trained_text(out: Path, cfg: TestbedConfig):
+    text = make_text_encoder(cfg)
+    text.load_state_dict(_load(out / "text.ckpt")["text"])
+    return text.eval()
+
+
 def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
-    """Pretrain the text encoder so that every position from EOS on carries the prompt's (style, object).
+    """Train the text encoder so that every position from EOS on carries the prompt's (style, object).
 
     A CLIP text encoder trained from random weights together with the UNet keeps the concept in its own token and
     leaves EOS and padding (most of the cross-attention context) nearly identical across prompts, so the UNet learns
-    to ignore the prompt. SD's pretrained CLIP spreads the prompt over every position; this stage gives the tiny
-    encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
-    object"). Full batch, deterministic, a few seconds; the probe is thrown away."""
+    to ignore the prompt; and while the UNet does not yet read the prompt, joint training collapses the distinctions
+    this stage makes (measured: the spread of the 8 object prompts' padding outputs fell from 0.71 to 0.05 in 1000
+    joint steps). SD's pretrained CLIP spreads the prompt over every position and stays frozen; this stage gives the
+    tiny encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
+    object"), and the UNet stage keeps it frozen. Full batch, deterministic, under a minute; the probe is thrown
+    away."""
     data = _data(out)
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     ids, inverse = _prompt_table(data["prompts"], tokenizer)
@@ -237,38 +246,38 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     empty_ids = tokenize(tokenizer, [""])[0]
     weights = _mix_weights(data["labels"], cfg.unet_mix)
 
+    text = _trained_text(out, cfg).to(device)
+    with torch.no_grad():  # the text encoder is frozen (as SD's CLIP is): every prompt's context is computed once
+        uniq_ctx, empty_ctx = text(uniq_ids.to(device))[0], text(empty_ids[None].to(device))[0][0]
+    del text
+    inverse = inverse.to(device)
+
     torch.manual_seed(seed + 1)
-    unet, text = make_unet(cfg), make_text_encoder(cfg)
-    text.load_state_dict(_load(out / "text.ckpt")["text"])
-    unet, text = unet.to(device), text.to(device)
-    uniq_ids, empty_ids, inverse = uniq_ids.to(device), empty_ids.to(device), inverse.to(device)
-    params = [p for p in unet.parameters()] + [p for p in text.parameters()]
+    unet = make_unet(cfg).to(device)
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = _EMA(params, cfg.ema_decay)
     sched = DDPMScheduler(**NOISE_SCHEDULE)
     ckpt_path, start = out / "unet.ckpt", 0
     if (ck := _load(ckpt_path)) is not None:
         unet.load_state_dict(ck["unet"])
-        text.load_state_dict(ck["text"])
         opt.load_state_dict(ck["opt"])
         for s, v in zip(ema.shadow, ck["ema"]):
             s.copy_(v)
         start = int(ck["step"])
     clock = _Clock(cfg.checkpoint_minutes)
     unet.train()
-    text.train()
 
     def save(step: int) -> None:
-        _atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
-                      "ema": ema.shadow, "step": step}, ckpt_path)
+        _atomic_save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "step": step}, ckpt_path)
 
     for step in range(start, cfg.unet_steps):
         g = seeded_generator(seed, "unet", step)
         idx = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g).to(device)
         x0 = latents[idx].float() * scale
-        ids = uniq_ids[inverse[idx]]
+        ctx = uniq_ctx[inverse[idx]]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.prompt_dropout
-        ids = torch.where(drop[:, None].to(device), empty_ids[None], ids)
+        ctx = torch.where(drop[:, None, None].to(device), empty_ctx[None], ctx)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
         snr_w = _snr_weight(sched, t, cfg.snr_gamma).to(device)
@@ -276,7 +285,6 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
         xt = sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = cfg.unet_lr * _cosine(step, cfg.unet_steps, cfg.unet_warmup)
-        ctx = text(ids)[0]
         err = (unet(xt, t, ctx).sample - noise).pow(2).flatten(1).mean(1)
         loss = (err * snr_w).mean()
         opt.zero_grad(set_to_none=True)
@@ -296,11 +304,10 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
 def export_pipeline(out: Path, cfg: TestbedConfig, folder: Path, dtype=torch.float16):
     """Assemble the pipeline from the checkpoints (EMA weights) and save it as a diffusers folder."""
     ck = _load(out / "unet.ckpt")
-    unet, text = make_unet(cfg), make_text_encoder(cfg)
+    unet, text = make_unet(cfg), _trained_text(out, cfg)
     unet.load_state_dict(ck["unet"])
-    text.load_state_dict(ck["text"])
     with torch.no_grad():
-        for p, s in zip([*unet.parameters(), *text.parameters()], ck["ema"]):
+        for p, s in zip(unet.parameters(), ck["ema"]):
             p.copy_(s)
     vae = _trained_vae(out, cfg)
     vae.register_to_config(scaling_factor=float(_load(out / "latents.pt")["scaling_factor"]))
