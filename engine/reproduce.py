@@ -64,7 +64,7 @@ def _same_profile(run_dir: Path, profile: Profile) -> bool:
         return False
 
 
-def _finished(runs_dir: Path, kind: str, profile: Profile, **fields) -> Path | None:
+def _finished(runs_dir: Path, kind: str, profile: Profile, /, **fields) -> Path | None:
     """The newest finished run of ``kind`` whose status matches ``fields`` and whose profile equals ``profile``."""
     from .runs import list_runs
 

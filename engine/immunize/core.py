@@ -133,7 +133,7 @@ class BiLevel:
         inst, prior = self.losses(merged, Batch.cat([t.upper for t in tasks]))
         n = len(tasks)
         j = n * (inst - self.prior_weight * prior)  # = sum over tasks of their means (equal batch sizes)
-        return j, float(inst) * n, float(prior) * n
+        return j, float(inst.detach()) * n, float(prior.detach()) * n
 
     def meta_gradient(self, tasks: Sequence[Task]) -> tuple[dict[str, torch.Tensor], StepStats]:
         """``{name: dJ/dtheta}`` for the ``S^u`` parameters, and the step's statistics."""
