@@ -91,14 +91,14 @@ def load_pipeline(ref: str | Path, device: str | torch.device = "cpu", dtype: to
     parts = {}
     if (folder / MODEL_JSON).exists() and not (folder / "model_index.json").exists():
         meta = json.loads((folder / MODEL_JSON).read_text())
-        parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
         if (folder / "text_encoder").exists():
             from transformers import CLIPTextModel
 
-            parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
         folder = resolve_model(meta["base"])
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        folder, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         local_files_only=True, **parts,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -82,7 +82,7 @@ def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01):
         li, lp = loss(merged, t.upper)
         j = j + li - W_PRIOR * lp
     grads = torch.autograd.grad(j, [theta[k] for k in upper])
-    return torch.cat([x.flatten() for x in grads]), float(j)
+    return torch.cat([x.flatten() for x in grads]), float(j.detach())
 
 
 def meta(mode, fd_eps=1e-4):

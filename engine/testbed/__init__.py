@@ -40,7 +40,7 @@ def load_pipeline(folder: str | Path | None = None, device: str = "cpu", dtype=N
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        _need(Path(folder) if folder else PIPELINE_DIR), torch_dtype=dtype or torch.float32, local_files_only=True
+        _need(Path(folder) if folder else PIPELINE_DIR), dtype=dtype or torch.float32, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
