@@ -22,7 +22,7 @@ def build(
     tiny: bool = typer.Option(False, "--tiny", help="A seconds-long build of a tiny configuration (smoke test)."),
     install: bool = typer.Option(False, "--install", help="Copy the result into the package as the shipped testbed."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
-    device: str = typer.Option("cpu", help="Where to train the VAE, judge and UNet (cpu, cuda, cuda:1, auto)."),
+    device: str = typer.Option("cpu", help="Where to train the VAE, judge, text encoder and UNet (cpu, cuda, cuda:1, auto)."),
 ) -> None:
     """Retrain the testbed from scratch (world renders, VAE, judge, text encoder, UNet), seeded and resumable.
 

@@ -81,13 +81,14 @@ def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     os.replace(tmp, out / "data.npz")
 
 
-def _data(out: Path) -> dict:
+def _data(out: Path, *keys: str) -> dict:
+    """The arrays ``keys`` of the rendered data (default: all; the images alone are 0.5 GB at the default size)."""
     with np.load(out / "data.npz") as d:
-        return {k: d[k] for k in d.files}
+        return {k: d[k] for k in keys or d.files}
 
 
 def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
-    images = _data(out)["images"]
+    images = _data(out, "images")["images"]
     torch.manual_seed(seed)
     vae = make_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -126,7 +127,7 @@ def _trained_vae(out: Path, cfg: TestbedConfig):
 
 
 def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
-    images = _data(out)["images"]
+    images = _data(out, "images")["images"]
     vae = _trained_vae(out, cfg).to(device)
     lat = torch.zeros(len(images), 4, cfg.latent_size, cfg.latent_size)
     chunk = 256
@@ -155,6 +156,15 @@ def _prompt_table(prompts: np.ndarray, tokenizer) -> tuple[torch.Tensor, torch.T
     return tokenize(tokenizer, list(uniq)), torch.from_numpy(inverse.astype(np.int64))
 
 
+def _fresh_text_encoder(cfg: TestbedConfig, seed: int):
+    """The text stage's starting point: random weights, token embeddings drawn with ``cfg.text_init_std``."""
+    torch.manual_seed(seed + 2)
+    text = make_text_encoder(cfg)
+    with torch.no_grad():  # distinct prompts must give distinct contexts from step 0 (CLIP's 0.02 makes them ~equal)
+        text.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
+    return text
+
+
 def _trained_text(out: Path, cfg: TestbedConfig):
     text = make_text_encoder(cfg)
     text.load_state_dict(_load(out / "text.ckpt")["text"])
@@ -172,7 +182,7 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     tiny encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
     object"), and the UNet stage keeps it frozen. Full batch, deterministic, under a minute; the probe is thrown
     away."""
-    data = _data(out)
+    data = _data(out, "prompts", "labels")
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     ids, inverse = _prompt_table(data["prompts"], tokenizer)
     first = np.unique(inverse.numpy(), return_index=True)[1]
@@ -184,10 +194,7 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     labels = labels[:, None].expand(-1, ids.shape[1], -1)[tail].to(device)
     ids, tail = ids.to(device), tail.to(device)
 
-    torch.manual_seed(seed + 2)
-    text = make_text_encoder(cfg).to(device)
-    with torch.no_grad():  # distinct prompts must give distinct contexts from step 0 (CLIP's 0.02 makes them ~equal)
-        text.get_input_embeddings().weight.normal_(0.0, cfg.text_init_std)
+    text = _fresh_text_encoder(cfg, seed).to(device)
     n_style = len(world.STYLES) + 1
     probe = torch.nn.Linear(cfg.text_width, n_style + len(world.OBJECTS) + 1).to(device)
     opt = torch.optim.AdamW([*text.parameters(), *probe.parameters()], lr=cfg.text_lr)
@@ -237,7 +244,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
                eval_every: int = 1000) -> None:
     from diffusers import DDPMScheduler
 
-    data = _data(out)
+    data = _data(out, "prompts", "labels")
     lat_ck = _load(out / "latents.pt")
     latents = lat_ck["latents"].to(device)
     scale = float(lat_ck["scaling_factor"])
@@ -346,7 +353,7 @@ def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, 
     """Run (or resume) every stage into ``out``; the final pipeline lands in ``out/pipeline`` and the judge in
     ``out/judge.safetensors``. Returns ``{stage: seconds}`` of the stages run in this call and earlier ones.
 
-    ``device`` trains the VAE, the judge and the UNet there (e.g. ``"cuda"``); batches and noise are still drawn on
+    ``device`` trains the VAE, the judge, the text encoder and the UNet there (e.g. ``"cuda"``); batches and noise are still drawn on
     the CPU from the step-indexed generators, so a build resumes on another device (with that device's rounding)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
