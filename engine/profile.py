@@ -760,7 +760,7 @@ def _parse_toml(text: str, path: str) -> dict[str, Any]:
         raise ProfileError(f"TOML syntax error: {msg} (column {m.group(2)})" if m else f"TOML syntax error: {msg}", path=where) from None
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A TOML value (``3``, ``1e-5``, ``true``, ``["a", "b"]``, ``"s"``), else the text itself."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -814,7 +814,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             parts = _key_path(key)
         except (tomllib.TOMLDecodeError, ValueError):
             raise ProfileError(f"--set '{item}': '{key}' is not a dotted key") from None
-        _set_path(data, parts, _parse_value(value.strip()), f"--set '{item}'")
+        _set_path(data, parts, parse_value(value.strip()), f"--set '{item}'")
     return data
 
 

@@ -23,6 +23,11 @@ def build(
     install: bool = typer.Option(False, "--install", help="Copy the result into the package as the shipped testbed."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", help="Where to train the VAE, judge, text encoder and UNet (cpu, cuda, cuda:1, auto)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE",
+        help="Change one setting of the build configuration (engine/testbed/build.py TestbedConfig), e.g. --set "
+             "unet_steps=20000 for a longer GPU build (repeatable). A folder resumes only with the same settings.",
+    ),
 ) -> None:
     """Retrain the testbed from scratch (world renders, VAE, judge, text encoder, UNet), seeded and resumable.
 
@@ -42,7 +47,10 @@ def build(
         dev = pick_device(device)
     except ValueError as e:
         fail(f"--device: {e}", 2)
-    cfg = tb_build.TINY if tiny else tb_build.DEFAULT
+    try:
+        cfg = (tb_build.TINY if tiny else tb_build.DEFAULT).with_overrides(overrides)
+    except ValueError as e:
+        fail(e, 2)
     t0 = time.monotonic()
     try:
         with stage_bars() as bars:

@@ -197,3 +197,30 @@ def test_build_rejects_a_bad_device_before_any_work(tmp_path, device, message):
     assert res.exit_code == 2
     assert message in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_build_config_overrides_are_typed_and_checked():
+    from engine.testbed.build import DEFAULT
+
+    cfg = DEFAULT.with_overrides(["unet_steps=20000", "unet_lr=2e-3", "unet_channels=[48, 96, 128]", "guidance_scale=5"])
+    assert (cfg.unet_steps, cfg.unet_lr, cfg.unet_channels, cfg.guidance_scale) == (20000, 2e-3, (48, 96, 128), 5.0)
+    assert cfg.vae_steps == DEFAULT.vae_steps
+    for bad, message in [("unet_step=3", "unknown testbed setting 'unet_step'"), ("unet_steps=1.5", "takes a value like"),
+                         ("unet_channels=[1.5]", "takes a value like"), ("unet_steps", "expected KEY=VALUE")]:
+        with pytest.raises(ValueError, match=message):
+            DEFAULT.with_overrides([bad])
+
+
+def test_build_set_changes_the_configuration_a_folder_resumes_with(tmp_path):
+    from typer.testing import CliRunner
+
+    from mima_cli.app import app
+
+    out = tmp_path / "b"
+    res = CliRunner().invoke(app, ["testbed", "build", "--tiny", "--out", str(out), "--set", "unet_steps=3"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["unet_steps"] == 3
+    again = CliRunner().invoke(app, ["testbed", "build", "--tiny", "--out", str(out)])  # other settings: refused
+    assert again.exit_code == 2 and "another configuration" in again.output
+    bad = CliRunner().invoke(app, ["testbed", "build", "--tiny", "--out", str(tmp_path / "c"), "--set", "nope=1"])
+    assert bad.exit_code == 2 and "unknown testbed setting 'nope'" in bad.output and "Traceback" not in bad.output

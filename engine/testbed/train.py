@@ -334,6 +334,7 @@ def _quick_eval(out: Path, cfg: TestbedConfig, seed: int, n: int = 4) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = export_pipeline(out, cfg, Path(tmp) / "p", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     judge = load_judge_file(out / "judge.safetensors")
     accs = {}
     for concept, prompt in [*((s, world.style_prompt(s)) for s in world.STYLES),
