@@ -205,8 +205,10 @@ def test_build_config_overrides_are_typed_and_checked():
     cfg = DEFAULT.with_overrides(["unet_steps=20000", "unet_lr=2e-3", "unet_channels=[48, 96, 128]", "guidance_scale=5"])
     assert (cfg.unet_steps, cfg.unet_lr, cfg.unet_channels, cfg.guidance_scale) == (20000, 2e-3, (48, 96, 128), 5.0)
     assert cfg.vae_steps == DEFAULT.vae_steps
+    assert DEFAULT.with_overrides(["unet_mix=[1, 0, 0, 0]"]).unet_mix == (1.0, 0.0, 0.0, 0.0)  # ints where floats go
     for bad, message in [("unet_step=3", "unknown testbed setting 'unet_step'"), ("unet_steps=1.5", "takes a value like"),
-                         ("unet_channels=[1.5]", "takes a value like"), ("unet_steps", "expected KEY=VALUE")]:
+                         ("unet_channels=[1.5]", "takes a value like"), ("unet_steps", "expected KEY=VALUE"),
+                         ("unet_steps=[3]", "takes a value like"), ("unet_channels=32", "takes a value like")]:
         with pytest.raises(ValueError, match=message):
             DEFAULT.with_overrides([bad])
 

@@ -75,13 +75,12 @@ class TestbedConfig:
                 names = ", ".join(k for k in self.__dataclass_fields__ if k != "extra")
                 raise ValueError(f"--set '{item}': unknown testbed setting '{key}'; expected one of {names}")
             current, value = getattr(self, key), parse_value(text)
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
-            elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not type(current) or (isinstance(value, tuple) and
-                                                   not all(type(v) is type(current[0]) for v in value)):
+            like = current[0] if isinstance(current, tuple) else current
+            values = value if isinstance(current, tuple) and isinstance(value, list) else [value]
+            values = [float(v) if isinstance(like, float) and type(v) is int else v for v in values]
+            if (isinstance(current, tuple) != isinstance(value, list)) or any(type(v) is not type(like) for v in values):
                 raise ValueError(f"--set '{item}': {key} takes a value like {current!r}")
+            value = tuple(values) if isinstance(current, tuple) else values[0]
             changes[key] = value
         return replace(self, **changes)
 
