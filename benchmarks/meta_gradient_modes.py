@@ -4,9 +4,10 @@
 
 Prepares the profile's first group exactly as ``mima immunize`` does (its images, prior images, merge projector,
 parameter sets; the model is ``[model] base``, not an erased one), then for each inner learning rate and each of
-the first ``--steps`` outer steps' task draws computes the meta-gradient of ``S^u`` in the three modes on the same
+the first ``--steps`` outer steps' task draws computes the meta-gradient of ``S^u`` in four ways on the same
 data, timesteps and noise. Prints one JSON line per (lr, step): the cosine and relative distance to ``exact`` of
-``first-order`` and ``fd``, and the relative size of the second-order term ``|exact - first-order| / |exact|``.
+``first-order``, ``fd`` (central differences) and ``fd_forward`` (``fd_scheme = "forward"``), and the relative
+size of the second-order term ``|exact - first-order| / |exact|``.
 Attention runs on diffusers' ``AttnProcessor`` (SDPA kernels have no double backward). On the testbed the numbers
 are testbed numbers.
 """
@@ -58,13 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         for step in range(1, args.steps + 1):
             tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
             grads = {}
-            for mode in ("exact", "fd", "first-order"):
-                core.inner_lr, core.gradient = lr, mode
+            for mode, scheme in (("exact", "central"), ("fd", "central"), ("fd_forward", "forward"),
+                                 ("first-order", "central")):
+                core.inner_lr, core.gradient, core.fd_scheme = lr, mode.removesuffix("_forward"), scheme
                 grads[mode] = _flat(core.meta_gradient(tasks)[0])
             ex, fo = grads["exact"], grads["first-order"]
             print(json.dumps({
                 "profile": args.profile, "method": args.method, "inner_lr": lr, "step": step,
                 "n_params_upper": int(ex.numel()), "first_order": compare(ex, fo), "fd": compare(ex, grads["fd"]),
+                "fd_forward": compare(ex, grads["fd_forward"]),
                 "second_order_share": float(f"{float((ex - fo).norm() / ex.norm()):.3e}"),
             }), flush=True)
 

@@ -393,6 +393,9 @@ class ImmunizeSection(_Strict):
     """Gradient through the inner step: double backward, finite-difference HVPs, or first order."""
     fd_eps: float = Field(default=1e-3, gt=0.0)
     """Finite-difference step of the Hessian-vector products (``gradient = "fd"``)."""
+    fd_scheme: Literal["central", "forward"] = "central"
+    """``central``: two extra passes per concept, error O(eps^2); ``forward``: one, error O(eps) (the gradient at
+    theta comes with the inner step's backward pass)."""
     merge: MergeSettings = Field(default_factory=MergeSettings)
     weight_decay: float = Field(default=0.0, ge=0.0)
     sample_every: int = Field(default=100, ge=0)

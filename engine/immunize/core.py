@@ -13,7 +13,9 @@ One outer step, for tasks ``n = 1..N`` (a task is a concept; JT has one task mad
 - ``fd``: the first-order graph plus ``-alpha * H_n u_n`` for every task, ``u_n = dJ/dtheta'_n`` (what flows back
   from the merge into the adapted copy) and ``H_n u_n`` by central differences of first-order gradients,
   ``[grad_{S^u} L_n(theta + eps u_n) - grad_{S^u} L_n(theta - eps u_n)] / 2 eps``, same data, timesteps and noise in
-  every pass, perturbation in float32 or wider;
+  every pass, perturbation in float32 or wider. ``fd_scheme = "forward"`` takes
+  ``[grad_{S^u} L_n(theta + eps u_n) - grad_{S^u} L_n(theta)] / eps`` instead, the second gradient coming free with
+  the inner step's backward pass: one extra pass per task instead of two, error O(eps) instead of O(eps^2);
 - ``first-order``: the inner gradients are constants.
 
 Parameters are passed to the UNet functionally (``torch.func.functional_call``), so the module's own parameters stay
@@ -31,6 +33,7 @@ from torch.func import functional_call
 from ..diffusion import noise_loss
 
 GRADIENT_MODES = ("exact", "fd", "first-order")
+FD_SCHEMES = ("central", "forward")
 
 
 @dataclass
@@ -82,9 +85,12 @@ class BiLevel:
     def __init__(self, unet, scheduler, lower: list[str], upper: list[str], inner_lr: float, prior_weight: float,
                  gradient: str = "fd", fd_eps: float = 1e-3,
                  merge_fn: Callable[[dict, list[dict]], tuple[dict, float]] | None = None,
-                 anchor: dict[str, torch.Tensor] | None = None):
+                 anchor: dict[str, torch.Tensor] | None = None, fd_scheme: str = "central"):
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {', '.join(GRADIENT_MODES)}")
+        if fd_scheme not in FD_SCHEMES:
+            raise ValueError(f"unknown finite-difference scheme {fd_scheme!r}; expected one of {', '.join(FD_SCHEMES)}")
+        self.fd_scheme = fd_scheme
         self.unet, self.scheduler = unet, scheduler
         self.params = dict(unet.named_parameters())
         self.lower, self.upper = list(lower), list(upper)
@@ -112,14 +118,17 @@ class BiLevel:
 
     # -------------------------------------------------------------------------------------------- step
 
-    def _adapt(self, task: Task, create_graph: bool) -> tuple[dict[str, torch.Tensor], float]:
-        theta_l = [self.params[k] for k in self.lower]
+    def _adapt(self, task: Task, create_graph: bool, with_upper: bool = False):
+        """``(theta'_n on S^l, inner loss, grad_{S^u} L_n(theta) or None)``; the last only if ``with_upper``."""
+        extra = [k for k in self.upper if k not in self.lower] if with_upper else []
+        theta_l = [self.params[k] for k in self.lower + extra]
         loss = self.inner_objective({}, task.lower)
-        grads = torch.autograd.grad(loss, theta_l, create_graph=create_graph)
-        adapted = {}
-        for k, p, g in zip(self.lower, theta_l, grads):
-            adapted[k] = p - self.inner_lr * (g if create_graph else g.detach())
-        return adapted, float(loss.detach())
+        grads = torch.autograd.grad(loss, theta_l, create_graph=create_graph, allow_unused=with_upper)
+        grads = {k: g if g is not None else torch.zeros_like(p) for k, p, g in zip(self.lower + extra, theta_l, grads)}
+        adapted = {k: self.params[k] - self.inner_lr * (grads[k] if create_graph else grads[k].detach())
+                   for k in self.lower}
+        g_upper = {k: grads[k].detach() for k in self.upper} if with_upper else None
+        return adapted, float(loss.detach()), g_upper
 
     def _merge(self, adapted: list[dict]) -> tuple[dict, float]:
         if self.merge_fn is None:
@@ -140,20 +149,22 @@ class BiLevel:
         stats = StepStats()
         upper = [self.params[k] for k in self.upper]
         exact = self.gradient == "exact"
-        adapted = []
+        forward = self.gradient == "fd" and self.fd_scheme == "forward"
+        adapted, at_theta = [], []
         for task in tasks:
-            a, loss = self._adapt(task, create_graph=exact)
+            a, loss, g_upper = self._adapt(task, create_graph=exact, with_upper=forward)
             stats.inner_loss[task.name] = loss
             if self.gradient == "fd":
                 a = {k: v.detach().requires_grad_(True) for k, v in a.items()}
             adapted.append(a)
+            at_theta.append(g_upper)
         merged, stats.merge_residual = self._merge(adapted)
         j, stats.outer_loss, stats.prior_loss = self._upper_objective(merged, tasks)
         if self.gradient != "fd":
             grads = torch.autograd.grad(j, upper, allow_unused=True)
             out = {k: (g if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
         else:
-            out = self._fd_gradient(j, upper, adapted, tasks)
+            out = self._fd_gradient(j, upper, adapted, tasks, at_theta)
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 
@@ -164,7 +175,7 @@ class BiLevel:
         stats = StepStats()
         adapted = []
         for task in tasks:
-            a, stats.inner_loss[task.name] = self._adapt(task, create_graph=False)
+            a, stats.inner_loss[task.name], _ = self._adapt(task, create_graph=False)
             adapted.append({k: v.detach() for k, v in a.items()})
         with torch.no_grad():
             merged, stats.merge_residual = self._merge(adapted)
@@ -177,13 +188,13 @@ class BiLevel:
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 
-    def _fd_gradient(self, j, upper, adapted, tasks) -> dict[str, torch.Tensor]:
+    def _fd_gradient(self, j, upper, adapted, tasks, at_theta) -> dict[str, torch.Tensor]:
         flat_adapted = [v for a in adapted for v in a.values()]
         grads = torch.autograd.grad(j, upper + flat_adapted, allow_unused=True)
         out = {k: (g.detach() if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
         i = len(upper)
         upper_set = set(self.upper)
-        for task, a in zip(tasks, adapted):
+        for task, a, g0 in zip(tasks, adapted, at_theta):
             u = {}
             for k in a:
                 g = grads[i]
@@ -193,20 +204,21 @@ class BiLevel:
                 if k in upper_set:
                     out[k] = out[k] + u[k]
             if self.inner_lr:
-                hvp = self._hvp(task, u)
+                hvp = self._hvp(task, u, g0)
                 for k in self.upper:
                     out[k] = out[k] - self.inner_lr * hvp[k]
         return out
 
-    def _hvp(self, task: Task, u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``H[S^u, S^l] u`` by central differences of ``grad_{S^u} L_n`` along ``u`` (on ``S^l``)."""
+    def _hvp(self, task: Task, u: dict[str, torch.Tensor], at_theta: dict | None = None) -> dict[str, torch.Tensor]:
+        """``H[S^u, S^l] u`` by central differences of ``grad_{S^u} L_n`` along ``u`` (on ``S^l``), or by forward
+        differences from ``at_theta`` (``grad_{S^u} L_n(theta)``) when it is given."""
         norm_u = torch.sqrt(sum((v.double() ** 2).sum() for v in u.values()))
         if float(norm_u) == 0.0:
             return {k: torch.zeros_like(self.params[k]) for k in self.upper}
         norm_theta = torch.sqrt(sum((self.params[k].detach().double() ** 2).sum() for k in self.lower))
         eps = float(self.fd_eps * max(float(norm_theta), 1.0) / float(norm_u))
         sides = []
-        for sign in (1.0, -1.0):
+        for sign in (1.0,) if at_theta is not None else (1.0, -1.0):
             over = {}
             for k in set(self.lower) | set(self.upper):
                 p = self.params[k].detach()
@@ -217,6 +229,8 @@ class BiLevel:
             loss = self.inner_objective(over, task.lower)
             g = torch.autograd.grad(loss, [over[k] for k in self.upper], allow_unused=True)
             sides.append([x if x is not None else torch.zeros_like(over[k]) for k, x in zip(self.upper, g)])
+        if at_theta is not None:
+            return {k: (gp - at_theta[k]) / eps for k, gp in zip(self.upper, sides[0])}
         return {k: (gp - gm) / (2 * eps) for k, gp, gm in zip(self.upper, *sides)}
 
 

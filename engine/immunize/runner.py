@@ -132,7 +132,7 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
         params = dict(unet.named_parameters())
         anchor = {k: params[k].detach().clone() for k in lower}
     bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight,
-                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor)
+                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor, s.fd_scheme)
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv)
 
 
