@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         for step in range(1, args.steps + 1):
             tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
             grads = {}
-            for mode, scheme in (("exact", "central"), ("fd", "central"), ("fd_forward", "forward"),
-                                 ("first-order", "central")):
-                core.inner_lr, core.gradient, core.fd_scheme = lr, mode.removesuffix("_forward"), scheme
-                grads[mode] = _flat(core.meta_gradient(tasks)[0])
+            for name, mode, scheme in (("exact", "exact", "central"), ("fd", "fd", "central"),
+                                       ("fd_forward", "fd", "forward"), ("first-order", "first-order", "central")):
+                core.inner_lr, core.gradient, core.fd_scheme = lr, mode, scheme
+                grads[name] = _flat(core.meta_gradient(tasks)[0])
             ex, fo = grads["exact"], grads["first-order"]
             print(json.dumps({
                 "profile": args.profile, "method": args.method, "inner_lr": lr, "step": step,

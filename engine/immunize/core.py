@@ -90,12 +90,11 @@ class BiLevel:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {', '.join(GRADIENT_MODES)}")
         if fd_scheme not in FD_SCHEMES:
             raise ValueError(f"unknown finite-difference scheme {fd_scheme!r}; expected one of {', '.join(FD_SCHEMES)}")
-        self.fd_scheme = fd_scheme
         self.unet, self.scheduler = unet, scheduler
         self.params = dict(unet.named_parameters())
         self.lower, self.upper = list(lower), list(upper)
         self.inner_lr, self.prior_weight = inner_lr, prior_weight
-        self.gradient, self.fd_eps = gradient, fd_eps
+        self.gradient, self.fd_eps, self.fd_scheme = gradient, fd_eps, fd_scheme
         self.merge_fn, self.anchor = merge_fn, anchor
 
     # -------------------------------------------------------------------------------------------- losses
@@ -123,8 +122,8 @@ class BiLevel:
         extra = [k for k in self.upper if k not in self.lower] if with_upper else []
         theta_l = [self.params[k] for k in self.lower + extra]
         loss = self.inner_objective({}, task.lower)
-        grads = torch.autograd.grad(loss, theta_l, create_graph=create_graph, allow_unused=with_upper)
-        grads = {k: g if g is not None else torch.zeros_like(p) for k, p, g in zip(self.lower + extra, theta_l, grads)}
+        grads = torch.autograd.grad(loss, theta_l, create_graph=create_graph, materialize_grads=with_upper)
+        grads = dict(zip(self.lower + extra, grads))
         adapted = {k: self.params[k] - self.inner_lr * (grads[k] if create_graph else grads[k].detach())
                    for k in self.lower}
         g_upper = {k: grads[k].detach() for k in self.upper} if with_upper else None
