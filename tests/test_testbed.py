@@ -45,6 +45,18 @@ def test_style_is_not_palette():
     assert spread.max() < 25  # per-style mean colours within a few grey levels of each other
 
 
+def test_style_patterns_are_coarser_than_the_latent_grid():
+    """Every style's dominant period spans at least 3 latent pixels of the 4x VAE (12 px): patterns near the latent
+    grid's Nyquist limit came out of the UNet as one generic texture."""
+    f = np.fft.fftfreq(world.SIZE)
+    radius = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    for style in world.STYLES:
+        grey = world.concept_images(style, 16, 3).astype(np.float32).mean(-1)
+        power = (np.abs(np.fft.fft2(grey - grey.mean((1, 2), keepdims=True))) ** 2).mean(0)
+        power[radius == 0] = 0
+        assert 1 / radius.flat[power.argmax()] >= 12, style
+
+
 PROMPTS = ["an artwork of strieker", "a photo of a fish, artwork of cellini", "a photo of sks star",
            "an artwork of Kelly Mckernan", "Hello,  World café", ""]
 
@@ -85,6 +97,25 @@ def test_tiny_build_trains_exports_and_resumes(tmp_path):
     assert (tmp_path / "unet.ckpt").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="another configuration"):
         build_testbed(tmp_path, TINY.__class__(**{**TINY.to_dict(), "unet_steps": 3}))
+
+
+def test_interrupted_stage_keeps_its_time(tmp_path, monkeypatch):
+    """A stage cut short (Ctrl-C, the end of a session) still has its time in timings.json, and a resumed build
+    adds to it, so the build time reported for a build spread over several sessions is the whole of it."""
+    from engine.testbed import train
+
+    monkeypatch.setattr(train, "TIMINGS_EVERY_S", 0.0)
+
+    def stop_in_vae(stage, step, total, info):
+        if stage == "vae" and step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.build_testbed(tmp_path, TINY, seed=0, progress=stop_in_vae)
+    first = json.loads((tmp_path / "timings.json").read_text())
+    assert first["vae"] > 0 and not (tmp_path / "vae.done").exists()
+    timings = train.build_testbed(tmp_path, TINY, seed=0, stages=("data", "vae"))
+    assert timings["vae"] > first["vae"] and timings["data"] == first["data"]
 
 
 @pytest.mark.gpu

@@ -160,8 +160,7 @@ class BiLevel:
         merged, stats.merge_residual = self._merge(adapted)
         j, stats.outer_loss, stats.prior_loss = self._upper_objective(merged, tasks)
         if self.gradient != "fd":
-            grads = torch.autograd.grad(j, upper, allow_unused=True)
-            out = {k: (g if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
+            out = dict(zip(self.upper, torch.autograd.grad(j, upper, materialize_grads=True)))
         else:
             out = self._fd_gradient(j, upper, adapted, tasks, at_theta)
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
@@ -182,23 +181,19 @@ class BiLevel:
                 self.params[k].copy_(v)
         j, stats.outer_loss, stats.prior_loss = self._upper_objective({}, tasks)
         upper = [self.params[k] for k in self.upper]
-        grads = torch.autograd.grad(j, upper, allow_unused=True)
-        out = {k: (g if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
+        out = dict(zip(self.upper, torch.autograd.grad(j, upper, materialize_grads=True)))
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 
     def _fd_gradient(self, j, upper, adapted, tasks, at_theta) -> dict[str, torch.Tensor]:
         flat_adapted = [v for a in adapted for v in a.values()]
-        grads = torch.autograd.grad(j, upper + flat_adapted, allow_unused=True)
-        out = {k: (g.detach() if g is not None else torch.zeros_like(p)) for k, p, g in zip(self.upper, upper, grads)}
+        grads = torch.autograd.grad(j, upper + flat_adapted, materialize_grads=True)
+        out = dict(zip(self.upper, grads))
         i = len(upper)
         upper_set = set(self.upper)
         for task, a, g0 in zip(tasks, adapted, at_theta):
-            u = {}
-            for k in a:
-                g = grads[i]
-                i += 1
-                u[k] = g.detach() if g is not None else torch.zeros_like(a[k])
+            u = dict(zip(a, grads[i : i + len(a)]))
+            i += len(a)
             for k in a:  # d theta'_n / d theta = I on S^l
                 if k in upper_set:
                     out[k] = out[k] + u[k]
@@ -226,8 +221,7 @@ class BiLevel:
                     p = (p.to(wide) + sign * eps * u[k].to(wide)).to(p.dtype)
                 over[k] = p.requires_grad_(k in self.upper)
             loss = self.inner_objective(over, task.lower)
-            g = torch.autograd.grad(loss, [over[k] for k in self.upper], allow_unused=True)
-            sides.append([x if x is not None else torch.zeros_like(over[k]) for k, x in zip(self.upper, g)])
+            sides.append(torch.autograd.grad(loss, [over[k] for k in self.upper], materialize_grads=True))
         if at_theta is not None:
             return {k: (gp - at_theta[k]) / eps for k, gp in zip(self.upper, sides[0])}
         return {k: (gp - gm) / (2 * eps) for k, gp, gm in zip(self.upper, *sides)}

@@ -41,7 +41,7 @@ class TestbedConfig:
     # text pretraining: every training prompt's (style, object) is made readable from its EOS and padding tokens
     text_steps: int = 150
     text_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 10000
     unet_batch: int = 32
     unet_lr: float = 1.5e-3
     unet_warmup: int = 200

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import images_to_tensor, seeded_generator, tokenize
+from ..runs import _write_json_atomic
 from . import world
 from .build import DEFAULT, NOISE_SCHEDULE, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
 
@@ -349,6 +350,9 @@ STAGE_FNS = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "ju
              "unet": stage_unet}
 
 
+TIMINGS_EVERY_S = 30.0  # how often a running stage's time is written to timings.json
+
+
 def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, progress: Progress | None = None,
                   stages: tuple[str, ...] = STAGES, device: str = "cpu") -> dict:
     """Run (or resume) every stage into ``out``; the final pipeline lands in ``out/pipeline`` and the judge in
@@ -366,15 +370,27 @@ def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, 
     cfg_path.write_text(cfg_json)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def record(stage: str, since: float, base: float) -> None:
+        timings[stage] = base + time.monotonic() - since
+        _write_json_atomic(timings_path, timings)
+
     for stage in stages:
         if (out / f"{stage}.done").exists():
             continue
-        t0 = time.monotonic()
+        t0, base, last = time.monotonic(), timings.get(stage, 0.0), [time.monotonic()]
+
+        def tracked(*args, stage=stage, t0=t0, base=base, last=last) -> None:
+            # the time spent so far is saved as it goes, so that an interrupted stage's time still counts on resume
+            if time.monotonic() - last[0] >= TIMINGS_EVERY_S:
+                last[0] = time.monotonic()
+                record(stage, t0, base)
+            progress(*args)
+
         if stage == "export":
             export_pipeline(out, cfg, out / "pipeline")
         else:
-            STAGE_FNS[stage](out, cfg, seed, progress, device=device)
-        timings[stage] = timings.get(stage, 0.0) + time.monotonic() - t0
-        timings_path.write_text(json.dumps(timings, indent=1))
+            STAGE_FNS[stage](out, cfg, seed, tracked, device=device)
+        record(stage, t0, base)
         (out / f"{stage}.done").write_text("")
     return timings

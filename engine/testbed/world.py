@@ -191,45 +191,49 @@ def _edge(v: np.ndarray, width: float = 0.6) -> np.ndarray:
 
 
 def _style_field(style: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """A pattern field: an array of palette indices in [0, k) as floats blended at edges, and k."""
+    """A pattern field: an array of palette indices in [0, k) as floats blended at edges, and k.
+
+    Periods are 13-22 px, i.e. at least 3 latent pixels of the 4x VAE: patterns at 7-14 px sat at the latent
+    grid's Nyquist limit, and the UNet drew all of them as the same generic "worms" while it learned the
+    cell-sized ``cellini`` perfectly."""
     x, y = _grid()
     # "stroke": a gentle, smooth warp of the coordinates, different for every image
-    amp = rng.uniform(0.5, 1.8)
+    amp = rng.uniform(0.8, 2.8)
     x = x + amp * _smooth_noise(rng, 4)
     y = y + amp * _smooth_noise(rng, 4)
     angle = rng.uniform(0, math.pi)
     if style == "strieker":
-        period = rng.uniform(8, 12)
+        period = rng.uniform(13, 19)
         u, _ = _rot(x, y, angle)
         return _edge(np.sin(2 * math.pi * u / period) * period / (2 * math.pi)), 2
     if style == "pointelle":
-        period = rng.uniform(10, 14)
+        period = rng.uniform(16, 22)
         r = rng.uniform(0.26, 0.36) * period
         u, v = _rot(x, y, angle)
         du = (u % period) - period / 2
         dv = (v % period) - period / 2
         return _edge(r - np.sqrt(du**2 + dv**2)), 2
     if style == "checkov":
-        period = rng.uniform(7, 10)
+        period = rng.uniform(12, 16)
         u, v = _rot(x, y, angle)
         su = np.sin(math.pi * u / period) * period / math.pi
         sv = np.sin(math.pi * v / period) * period / math.pi
         return _edge(su * sv / 3.0), 2
     if style == "wavell":
-        period = rng.uniform(9, 12)
-        amp_w, wl = rng.uniform(3, 5), rng.uniform(16, 26)
+        period = rng.uniform(14, 19)
+        amp_w, wl = rng.uniform(5, 8), rng.uniform(26, 40)
         u, v = _rot(x, y, angle)
         f = np.sin(2 * math.pi * (u + amp_w * np.sin(2 * math.pi * v / wl)) / period)
         return _edge(f * period / (2 * math.pi)), 2
     if style == "ringo":
-        period = rng.uniform(8, 11)
+        period = rng.uniform(13, 18)
         cx, cy = rng.uniform(8, 56, size=2)
         d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
         return _edge(np.sin(2 * math.pi * d / period) * period / (2 * math.pi)), 2
     if style == "hatcher":
-        period = rng.uniform(7, 9)
+        period = rng.uniform(12, 15)
         u, v = _rot(x, y, angle)
-        w = 1.1  # half line width
+        w = 1.8  # half line width
         du = np.abs((u % period) - period / 2)
         a = (u + v) / math.sqrt(2)
         dv = np.abs((a % period) - period / 2)
@@ -246,8 +250,8 @@ def _style_field(style: str, rng: np.random.Generator) -> tuple[np.ndarray, int]
         field = (nearest % 3).astype(np.float32)
         return np.where(border > 0.5, 3.0, field), 4
     if style == "zigler":
-        period = rng.uniform(9, 12)
-        zig = rng.uniform(6, 10)
+        period = rng.uniform(14, 19)
+        zig = rng.uniform(10, 16)
         u, v = _rot(x, y, angle)
         tri = np.abs(((v / zig) % 2) - 1) * zig * 0.9
         f = np.sin(2 * math.pi * (u + tri) / period)
