@@ -71,7 +71,7 @@ def demo_cmd(
     set_: list[str] = SET_OPTION,
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: [model] device)."),
 ) -> None:
-    """The testbed demo: `mima reproduce --profile testbed --quick` (about 11.5 minutes on 2 CPU cores).
+    """The testbed demo: `mima reproduce --profile testbed --quick` (about 12-16 minutes on 2 CPU cores).
 
     Example: mima demo
     """
