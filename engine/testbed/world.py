@@ -193,7 +193,7 @@ def _edge(v: np.ndarray, width: float = 0.6) -> np.ndarray:
 def _style_field(style: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """A pattern field: an array of palette indices in [0, k) as floats blended at edges, and k.
 
-    Periods are 13-22 px, i.e. at least 3 latent pixels of the 4x VAE: patterns at 7-14 px sat at the latent
+    Periods are 12-22 px, i.e. at least 3 latent pixels of the 4x VAE: patterns at 7-14 px sat at the latent
     grid's Nyquist limit, and the UNet drew all of them as the same generic "worms" while it learned the
     cell-sized ``cellini`` perfectly."""
     x, y = _grid()
