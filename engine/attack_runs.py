@@ -110,6 +110,9 @@ class AttackPlan:
     twin_hash: str | None
     """Content hash of :attr:`twin_model` when the immunization run recorded it."""
     control: bool = False
+    twin_only: bool = False
+    """Attack only the unimmunized model (or find it in the cache); ``mima reproduce`` runs this first, so that
+    the attacks of every method and the control, in parallel workers, reuse one unimmunized run."""
 
     @property
     def concepts(self) -> list[str]:
@@ -192,7 +195,8 @@ def find_immunize_run(runs_dir: str | Path, run: str | None = None, *, profile_n
 
 def plan_attack(runs_dir: str | Path, *, run: str | None = None, profile: Profile | None = None,
                 profile_name: str | None = None, overrides: Sequence[str] = (), group: str | None = None,
-                methods: Sequence[str] | None = None, steps: int | None = None, control: bool = False) -> AttackPlan:
+                methods: Sequence[str] | None = None, steps: int | None = None, control: bool = False,
+                twin_only: bool = False, only: Sequence[str] | None = None) -> AttackPlan:
     """Resolve what to attack (see the module docstring).
 
     ``profile``: the profile whose ``[attack]``, ``[eval]`` and concepts apply (default: the immunization run's saved
@@ -219,6 +223,10 @@ def plan_attack(runs_dir: str | Path, *, run: str | None = None, profile: Profil
         raise AttackUsageError(f"immunization run {imm.name}: {e}") from None
     if not targets:
         raise AttackUsageError(f"immunization run {imm.name} names no target concepts")
+    if only is not None:
+        if not twin_only:
+            raise ValueError("only: a subset of concepts is attacked only with twin_only")
+        targets, others = [c for c in targets if c in only], [c for c in others if c in only]
     chosen = parse_methods(methods, profile)
     settings = {}
     for m in chosen:
@@ -236,7 +244,7 @@ def plan_attack(runs_dir: str | Path, *, run: str | None = None, profile: Profil
     return AttackPlan(profile=profile, profile_name=profile_name, immunize_run=imm, immunize_status=st,
                       group=st.get("group"), targets=targets, others=others, methods=chosen, settings=settings,
                       model=str(imm), twin_model=twin_model, twin_parent=twin_parent,
-                      twin_hash=st.get("base_model_hash"), control=control)
+                      twin_hash=st.get("base_model_hash"), control=control, twin_only=twin_only)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -303,8 +311,8 @@ class PairResult:
     """One attack method's pair of runs."""
 
     attack: str
-    run: Path
-    """The attack run on the immunized model (or the control re-run)."""
+    run: Path | None
+    """The attack run on the immunized model (or the control re-run); None with ``twin_only``."""
     twin: Path
     """The attack run on the unimmunized model."""
     twin_reused: bool
@@ -511,6 +519,8 @@ class _Runner:
                                      skip=parts)
                 reused = dict(tw.status["extra"].get("reused") or {})
             twin_dir = tw.dir
+        if plan.twin_only:
+            return PairResult(method, None, twin_dir, twin_reused, reused)
         if plan.control:
             run_parent, model_ref, model_hash_ = plan.twin_parent, plan.twin_model, self.twin_hash
         else:
@@ -631,10 +641,11 @@ def run_attacks(plan: AttackPlan, *, runs_dir: str | Path, device: str | None = 
 def attack(runs_dir: str | Path, *, run: str | None = None, methods: Sequence[str] | None = None,
            group: str | None = None, steps: int | None = None, profile: Profile | None = None,
            profile_name: str | None = None, overrides: Sequence[str] = (), control: bool = False,
-           device: str | None = None, progress=None, backends: Mapping[str, Any] | None = None,
-           live_eval: bool = True, save_weights: bool = False) -> list[PairResult]:
+           twin_only: bool = False, only: Sequence[str] | None = None, device: str | None = None, progress=None,
+           backends: Mapping[str, Any] | None = None, live_eval: bool = True,
+           save_weights: bool = False) -> list[PairResult]:
     """:func:`plan_attack` then :func:`run_attacks`."""
     plan = plan_attack(runs_dir, run=run, profile=profile, profile_name=profile_name, overrides=overrides,
-                       group=group, methods=methods, steps=steps, control=control)
+                       group=group, methods=methods, steps=steps, control=control, twin_only=twin_only, only=only)
     return run_attacks(plan, runs_dir=runs_dir, device=device, progress=progress, backends=backends,
                        live_eval=live_eval, save_weights=save_weights)

@@ -3,11 +3,22 @@
 Work whose finished run already exists (same profile contents, group, method and parent) is skipped, so an
 interrupted or sharded reproduction resumes, also across days and machines that share the runs directory.
 ``--shard i/n`` takes every n-th group starting at the i-th (1-based).
+
+The work of a group is a small graph of tasks (:func:`plan_tasks`): erase; immunize with each method; attack the
+unimmunized model once (the twin every method and the control compare with; cached, so done once); attack each
+immunized model; the control re-attack. ``jobs > 1`` runs ready tasks in that many worker processes, each with
+``cpu_count // jobs`` torch threads: on a CPU the testbed's small batches are bound by per-operation overhead,
+not arithmetic, so one thread runs them nearly as fast as two (the demo: 2 workers finish in about half the time
+of one). Every task reads its inputs from the runs directory and writes its own runs, so the results are those of
+the serial order; only float rounding may differ with the thread count, which is why a worker's thread count is
+fixed for the whole reproduction (the control's MSGR 0 compares two attacks run with the same count).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +34,32 @@ class ReproducePlan:
     methods: list[str]
     attacks: list[str]
     control: bool = True
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of a reproduction: ``kind`` is erase, immunize, twin, attack or control."""
+
+    kind: str
+    group: str | None
+    method: str | None = None
+    deps: tuple[str, ...] = ()
+    part: tuple[int, int] | None = None
+    """``(i, n)`` for a twin task: the i-th of n interleaved slices of the concepts (1-based)."""
+
+    @property
+    def key(self) -> str:
+        part = f"{self.part[0]}/{self.part[1]}" if self.part else None
+        return " ".join(str(x) for x in (self.kind, self.group, self.method, part) if x is not None)
+
+    def describe(self) -> str:
+        g = f"[{self.group}]"
+        return {"erase": f"{g} erase (UCE)", "immunize": f"{g} immunize with {self.method}",
+                "twin": f"{g} attack the unimmunized model (the twin every method is compared with)"
+                        + (f", concepts {self.part[0]}/{self.part[1]}" if self.part else ""),
+                "attack": f"{g} attack the {self.method}-immunized model",
+                "control": f"{g} control: attack the unimmunized model again (the 'none' row; MSGR 0 if "
+                           "deterministic)"}[self.kind]
 
 
 @dataclass
@@ -88,55 +125,250 @@ def _attacked(runs_dir: Path, imm_run: Path, attack: str, control: bool = False)
     return False
 
 
-def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | None = None,
-              methods: Sequence[str] | None = None, quick: bool = False, shard: str | None = None,
-              device: str | None = None, progress=None, status=None) -> ReproduceLog:
-    """Run the plan, skipping finished work. ``status(message)`` reports each step (the CLI prints it)."""
+def plan_tasks(profile: Profile, p: ReproducePlan, runs_dir: str | Path, profile_name: str | None = None,
+               twin_parts: int = 1) -> tuple[list[Task], list[str]]:
+    """The tasks still to run, in priority order (each after its dependencies), and the keys of finished ones.
+    ``twin_parts > 1`` splits the unimmunized attack into that many tasks over interleaved slices of the concepts
+    (parallel workers run them at once); the ``twin`` task then assembles one run from their cached concepts."""
+    runs_dir = Path(runs_dir)
+    tasks: list[Task] = []
+    skipped: list[str] = []
+
+    def add(task: Task, finished: bool) -> None:
+        (skipped.append(task.key) if finished else tasks.append(task))
+
+    def needs(*keys: str) -> tuple[str, ...]:  # dependencies on finished work are met already
+        pending = {t.key for t in tasks}
+        return tuple(k for k in keys if k in pending)
+
+    for group in p.groups:
+        erase_key = f"erase {group}"
+        if profile.erase.method == "uce":
+            add(Task("erase", group), _finished(runs_dir, "erase", profile, group=group, profile=profile_name)
+                is not None)
+        imms = {m: _finished(runs_dir, "immunize", profile, group=group, method=m, profile=profile_name)
+                for m in p.methods}
+        for m in p.methods:
+            add(Task("immunize", group, m, needs(erase_key)), imms[m] is not None)
+        attacks = [m for m in p.methods
+                   if imms[m] is None or not all(_attacked(runs_dir, imms[m], a) for a in p.attacks)]
+        first = p.methods[0] if p.methods else None
+        control = p.control and first is not None and (
+            imms[first] is None or not all(_attacked(runs_dir, imms[first], a, control=True) for a in p.attacks))
+        if first is None:
+            continue
+        twin_key = f"twin {group}"
+        if attacks or control:
+            parts = [Task("twin", group, None, needs(f"immunize {group} {first}"), (i, twin_parts))
+                     for i in range(1, twin_parts + 1)] if twin_parts > 1 else []
+            tasks.extend(parts)
+            # the whole unimmunized run (assembled from the parts' cached concepts), which every attack compares with
+            tasks.append(Task("twin", group, None, needs(f"immunize {group} {first}", *(t.key for t in parts))))
+        for m in p.methods:
+            add(Task("attack", group, m, needs(f"immunize {group} {m}", twin_key)), m not in attacks)
+        if control:
+            tasks.append(Task("control", group, None, needs(f"immunize {group} {first}", twin_key)))
+        elif p.control:
+            skipped.append(f"control {group}")
+    return tasks, skipped
+
+
+@dataclass
+class _Context:
+    """What every task needs besides itself (picklable: it travels to the worker processes)."""
+
+    profile: Profile
+    runs_dir: Path
+    profile_name: str | None
+    methods: list[str]
+    attacks: list[str]
+    device: str | None
+
+
+def run_task(task: Task, ctx: _Context, progress=None) -> None:
+    """Run one task; its inputs (the erased model, the immunization run) are the finished runs in the runs dir."""
     from .attack_runs import attack
     from .erase import erase
     from .immunize.runner import immunize
 
+    kw = dict(profile=ctx.profile, profile_name=ctx.profile_name, device=ctx.device, progress=progress)
+
+    def imm_run(method: str) -> Path:
+        run = _finished(ctx.runs_dir, "immunize", ctx.profile, group=task.group, method=method,
+                        profile=ctx.profile_name)
+        if run is None:
+            raise RuntimeError(f"{task.key}: no finished immunization with {method} of group {task.group}")
+        return run
+
+    if task.kind == "erase":
+        erase(runs_dir=ctx.runs_dir, group=task.group, **kw)
+    elif task.kind == "immunize":
+        parent = None
+        if ctx.profile.erase.method == "uce":
+            parent = _finished(ctx.runs_dir, "erase", ctx.profile, group=task.group, profile=ctx.profile_name)
+        immunize(runs_dir=ctx.runs_dir, group=task.group, method=task.method,
+                 parent=str(parent) if parent else None, **kw)
+    elif task.kind == "twin":
+        from .attack_runs import plan_attack
+
+        run = imm_run(ctx.methods[0]).name
+        only = None
+        if task.part:
+            i, n = task.part
+            only = plan_attack(ctx.runs_dir, run=run, profile=ctx.profile, methods=ctx.attacks).concepts[i - 1 :: n]
+        if only != []:
+            attack(ctx.runs_dir, run=run, methods=ctx.attacks, twin_only=True, only=only, live_eval=False, **kw)
+    elif task.kind == "attack":
+        run = imm_run(task.method)
+        todo = [a for a in ctx.attacks if not _attacked(ctx.runs_dir, run, a)]
+        attack(ctx.runs_dir, run=run.name, methods=todo, **kw)
+    elif task.kind == "control":
+        run = imm_run(ctx.methods[0])
+        todo = [a for a in ctx.attacks if not _attacked(ctx.runs_dir, run, a, control=True)]
+        attack(ctx.runs_dir, run=run.name, methods=todo, control=True, **kw)
+    else:
+        raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def default_jobs(device: str | None, profile: Profile) -> int:
+    """Worker processes for ``jobs="auto"``: one per CPU core on a CPU (at most 4), one on an accelerator."""
+    from .models import pick_device
+
+    if pick_device(device or profile.model.device).type != "cpu":
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# the worker processes' state, set by _init_worker
+_progress_queue = None
+
+
+def _init_worker(threads: int, queue, worker_init) -> None:
+    import torch
+
+    global _progress_queue
+    torch.set_num_threads(threads)
+    _progress_queue = queue
+    if worker_init is not None:
+        worker_init()
+
+
+def _worker_progress(label: str):
+    def send(stage: str, step: int, total: int, info: dict | None = None) -> None:
+        _progress_queue.put((f"{label}: {stage}", step, total, info or {}))
+    return send
+
+
+def _run_in_worker(task: Task, ctx: _Context) -> float:
+    t0 = time.monotonic()
+    run_task(task, ctx, _worker_progress(task.method or task.kind) if _progress_queue is not None else None)
+    return time.monotonic() - t0
+
+
+def _schedule(tasks: list[Task], start: Callable[[Task], object], wait: Callable[[], tuple[Task, float]],
+              jobs: int, say: Callable[[str], None], log: ReproduceLog) -> None:
+    """Start ready tasks (all dependencies done) in list order, at most ``jobs`` at a time, until all are done."""
+    done: set[str] = set()
+    waiting = list(tasks)
+    running = 0
+    while waiting or running:
+        for t in list(waiting):
+            if running >= jobs:
+                break
+            if all(d in done for d in t.deps):
+                waiting.remove(t)
+                say(t.describe())
+                start(t)
+                running += 1
+        if not running:
+            raise RuntimeError(f"tasks with unmet dependencies: {', '.join(t.key for t in waiting)}")
+        t, seconds = wait()
+        running -= 1
+        done.add(t.key)
+        log.done.append(t.key)
+        if jobs > 1:
+            say(f"  done: {t.key} ({seconds / 60:.1f} min)")
+
+
+def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | None = None,
+              methods: Sequence[str] | None = None, quick: bool = False, shard: str | None = None,
+              device: str | None = None, jobs: int | str = 1, progress=None, status=None,
+              worker_init: Callable[[], None] | None = None) -> ReproduceLog:
+    """Run the plan, skipping finished work. ``status(message)`` reports each task as it starts (the CLI prints
+    it). ``jobs``: worker processes (``"auto"``: :func:`default_jobs`); 1 runs every task in this process.
+    ``worker_init``: a module-level function each worker process calls first (e.g. to silence loading bars)."""
     runs_dir = Path(runs_dir)
     p = plan(profile, methods, quick, shard)
-    log = ReproduceLog()
     say = status or (lambda msg: None)
+    n = max(1, default_jobs(device, profile) if jobs == "auto" else int(jobs))
+    tasks, skipped = plan_tasks(profile, p, runs_dir, profile_name, twin_parts=n)
+    log = ReproduceLog(skipped=skipped)
+    ctx = _Context(profile, runs_dir, profile_name, p.methods, p.attacks, device)
+    n = min(n, len(tasks) or 1)
+    if n == 1:
+        pending: list[tuple[Task, float]] = []
+
+        def start(t: Task) -> None:
+            t0 = time.monotonic()
+            run_task(t, ctx, progress)
+            pending.append((t, time.monotonic() - t0))
+
+        _schedule(tasks, start, pending.pop, 1, say, log)
+    else:
+        _run_parallel(tasks, ctx, n, progress, say, log, worker_init)
     for group in p.groups:
-        parent = None
-        if profile.erase.method == "uce":
-            parent = _finished(runs_dir, "erase", profile, group=group, profile=profile_name)
-            if parent is None:
-                say(f"[{group}] erase (UCE)")
-                parent = erase(profile, runs_dir=runs_dir, group=group, profile_name=profile_name, device=device,
-                               progress=progress)
-                log.done.append(f"erase {group}")
-            else:
-                log.skipped.append(f"erase {group}")
-        first_imm = None
-        for method in p.methods:
-            key = f"immunize {group} {method}"
-            imm = _finished(runs_dir, "immunize", profile, group=group, method=method, profile=profile_name)
-            if imm is None:
-                say(f"[{group}] immunize with {method}")
-                imm = immunize(profile, runs_dir=runs_dir, group=group, method=method, profile_name=profile_name,
-                               parent=str(parent) if parent else None, device=device, progress=progress)
-                log.done.append(key)
-            else:
-                log.skipped.append(key)
-            first_imm = first_imm or imm
-            log.immunize_runs.append(imm)
-            todo = [a for a in p.attacks if not _attacked(runs_dir, imm, a)]
-            if todo:
-                say(f"[{group}] attack {', '.join(todo)} on {method} and its unimmunized twin")
-                attack(runs_dir, run=imm.name, methods=todo, profile=profile, profile_name=profile_name,
-                       device=device, progress=progress)
-                log.done.append(f"attack {group} {method}")
-            else:
-                log.skipped.append(f"attack {group} {method}")
-        if p.control and first_imm is not None:
-            todo = [a for a in p.attacks if not _attacked(runs_dir, first_imm, a, control=True)]
-            if todo:
-                say(f"[{group}] control: attack the unimmunized model again (the 'none' row; MSGR 0 if deterministic)")
-                attack(runs_dir, run=first_imm.name, methods=todo, profile=profile, profile_name=profile_name,
-                       control=True, device=device, progress=progress)
-                log.done.append(f"control {group}")
+        for m in p.methods:
+            run = _finished(runs_dir, "immunize", profile, group=group, method=m, profile=profile_name)
+            if run is not None:
+                log.immunize_runs.append(run)
     return log
+
+
+def _run_parallel(tasks: list[Task], ctx: _Context, jobs: int, progress, say, log: ReproduceLog,
+                  worker_init=None) -> None:
+    import multiprocessing as mp
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
+    from concurrent.futures import wait as wait_futures
+
+    spawn = mp.get_context("spawn")
+    manager = spawn.Manager() if progress is not None else None
+    queue = manager.Queue() if manager is not None else None
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    stop = threading.Event()
+
+    def forward() -> None:  # worker progress -> the caller's callback, in this process
+        import queue as queue_mod
+
+        while not stop.is_set():
+            try:
+                progress(*queue.get(timeout=0.2))
+            except queue_mod.Empty:
+                continue
+
+    pump = threading.Thread(target=forward, daemon=True) if queue is not None else None
+    if pump:
+        pump.start()
+    futures: dict = {}
+    with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads, queue, worker_init)) as pool:
+        def start(t: Task) -> None:
+            futures[pool.submit(_run_in_worker, t, ctx)] = t
+
+        def wait() -> tuple[Task, float]:
+            finished, _ = wait_futures(list(futures), return_when=FIRST_COMPLETED)
+            f = next(iter(finished))
+            t = futures.pop(f)
+            return t, f.result()  # a task's exception stops the reproduction (finished runs stay)
+
+        try:
+            _schedule(tasks, start, wait, jobs, say, log)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            stop.set()
+            if pump is not None:
+                pump.join()
+            if manager is not None:
+                manager.shutdown()

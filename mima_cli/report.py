@@ -28,6 +28,10 @@ def _cell_text(cell, with_success: bool) -> Text:
     return text
 
 
+NONE_MRSGR = ("none: x^I is a re-run of x^A, so its MRSGR compares how alike the targets' own images are with how "
+              "alike the others' are (M(x^A, x^A)); it is this group's baseline, not 0: read the other rows against it")
+
+
 def _rich_table(t) -> Table:
     with_success = t.kind == "msgr"
     table = Table(title=t.title, title_justify="left", show_lines=False)
@@ -45,7 +49,9 @@ def _rich_table(t) -> Table:
         last = r.method
     if with_success:
         table.caption = "(x%) = judge accuracy on x^A: how well the attack works on the unimmunized twin"
-        table.caption_justify = "left"
+    elif any(r.method == "none" for r in t.rows):
+        table.caption = NONE_MRSGR
+    table.caption_justify = "left"
     return table
 
 

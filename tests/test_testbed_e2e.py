@@ -22,8 +22,9 @@ QUICK = ["--set", "immunize.steps=2", "--set", "immunize.sample_every=2", "--set
 
 
 def test_reproduce_quick_on_the_testbed(tmp_path):
+    # two worker processes: the unimmunized attack is split between them and assembled from the cache
     res = runner.invoke(app, ["--runs-dir", str(tmp_path), "reproduce", "--profile", "testbed", "--quick",
-                              "--methods", "mima", *QUICK], catch_exceptions=False)
+                              "--methods", "mima", "--jobs", "2", *QUICK], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "mima" in res.output and "MSGR" in res.output
     out = runner.invoke(app, ["--runs-dir", str(tmp_path), "report", "--json"], catch_exceptions=False)
@@ -31,6 +32,12 @@ def test_reproduce_quick_on_the_testbed(tmp_path):
     report = json.loads(out.output)
     text = json.dumps(report)
     assert "judge" in text and "mima" in text
+    pairs = {p["method"]: p for p in report["pairs"]}
+    assert set(pairs) == {"mima", "none"}
+    assert pairs["mima"]["twin"] == pairs["none"]["twin"]  # one unimmunized run, compared with both
+    # the control re-attacks the unimmunized model in another process: the same images, so no gap at all
+    assert pairs["none"]["msgr"]["judge"] == 0.0
+    assert pairs["mima"]["msgr"]["judge"] is not None and pairs["mima"]["msgr"]["judge"] != 0.0
     # a second call finds every run finished and runs nothing
     again = runner.invoke(app, ["--runs-dir", str(tmp_path), "reproduce", "--profile", "testbed", "--quick",
                                 "--methods", "mima", *QUICK], catch_exceptions=False)
