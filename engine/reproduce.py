@@ -135,7 +135,10 @@ def plan_tasks(profile: Profile, p: ReproducePlan, runs_dir: str | Path, profile
     skipped: list[str] = []
 
     def add(task: Task, finished: bool) -> None:
-        (skipped.append(task.key) if finished else tasks.append(task))
+        if finished:
+            skipped.append(task.key)
+        else:
+            tasks.append(task)
 
     def needs(*keys: str) -> tuple[str, ...]:  # dependencies on finished work are met already
         pending = {t.key for t in tasks}
@@ -150,13 +153,13 @@ def plan_tasks(profile: Profile, p: ReproducePlan, runs_dir: str | Path, profile
                 for m in p.methods}
         for m in p.methods:
             add(Task("immunize", group, m, needs(erase_key)), imms[m] is not None)
+        if not p.methods:
+            continue
+        first = p.methods[0]
         attacks = [m for m in p.methods
                    if imms[m] is None or not all(_attacked(runs_dir, imms[m], a) for a in p.attacks)]
-        first = p.methods[0] if p.methods else None
-        control = p.control and first is not None and (
+        control = p.control and (
             imms[first] is None or not all(_attacked(runs_dir, imms[first], a, control=True) for a in p.attacks))
-        if first is None:
-            continue
         twin_key = f"twin {group}"
         if attacks or control:
             parts = [Task("twin", group, None, needs(f"immunize {group} {first}"), (i, twin_parts))
