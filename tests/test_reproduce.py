@@ -79,3 +79,15 @@ def test_a_dependency_that_no_task_provides_is_an_error():
     pool = FakePool()
     with pytest.raises(RuntimeError, match="unmet dependencies: attack g mima"):
         _schedule([orphan], pool.start, pool.wait, 2, lambda m: None, ReproduceLog())
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_a_bad_jobs_value_is_a_one_line_usage_error(jobs, tmp_path):
+    from typer.testing import CliRunner
+
+    from mima_cli.app import app
+
+    res = CliRunner().invoke(app, ["--runs-dir", str(tmp_path), "reproduce", "--profile", "testbed", "--jobs", jobs])
+    assert res.exit_code == 2
+    assert f"--jobs '{jobs}': expected a positive number or 'auto'" in res.output
+    assert "Traceback" not in res.output and list(tmp_path.iterdir()) == []
