@@ -8,8 +8,9 @@ The work of a group is a small graph of tasks (:func:`plan_tasks`): erase; immun
 unimmunized model once (the twin every method and the control compare with; cached, so done once); attack each
 immunized model; the control re-attack. ``jobs > 1`` runs ready tasks in that many worker processes, each with
 ``cpu_count // jobs`` torch threads: on a CPU the testbed's small batches are bound by per-operation overhead,
-not arithmetic, so one thread runs them nearly as fast as two (the demo: 2 workers finish in about half the time
-of one). Every task reads its inputs from the runs directory and writes its own runs, so the results are those of
+not arithmetic, so one thread runs them nearly as fast as two (the testbed demo on 2 cores: 9.5 min with 2 workers,
+15.6 min in one process). With several workers the unimmunized attack is split into one slice of concepts per
+worker, then assembled into one run from the attack cache. Every task reads its inputs from the runs directory and writes its own runs, so the results are those of
 the serial order; only float rounding may differ with the thread count, which is why a worker's thread count is
 fixed for the whole reproduction (the control's MSGR 0 compares two attacks run with the same count).
 """
