@@ -14,7 +14,7 @@ import pytest
 
 from mima_cli.tui.app import MimaTui
 from mima_cli.tui.demo import Demo
-from mima_cli.tui.screens import RunScreen, RunsScreen
+from mima_cli.tui.screens import HelpScreen, RunScreen, RunsScreen
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:textual_image")
 
@@ -130,4 +130,14 @@ def test_run_screen_metrics_and_help_80x24(runs, snap_compare):
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=metrics_then_help)
     help_app = MimaTui(runs)
-    assert snap_compare(help_app, press=["question_mark"], terminal_size=(80, 24), run_before=ready(RunsScreen))
+
+    async def runs_then_help(pilot) -> None:  # the modal is pushed asynchronously: wait until it is on screen
+        await ready(RunsScreen)(pilot)
+        await pilot.press("question_mark")
+        deadline = time.monotonic() + 10
+        while not isinstance(pilot.app.screen, HelpScreen):
+            assert time.monotonic() < deadline, "the help screen did not open"
+            await pilot.pause(0.05)
+        await settled(pilot)
+
+    assert snap_compare(help_app, terminal_size=(80, 24), run_before=runs_then_help)
