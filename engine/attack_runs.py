@@ -196,12 +196,14 @@ def find_immunize_run(runs_dir: str | Path, run: str | None = None, *, profile_n
 def plan_attack(runs_dir: str | Path, *, run: str | None = None, profile: Profile | None = None,
                 profile_name: str | None = None, overrides: Sequence[str] = (), group: str | None = None,
                 methods: Sequence[str] | None = None, steps: int | None = None, control: bool = False,
-                twin_only: bool = False, only: Sequence[str] | None = None) -> AttackPlan:
+                twin_only: bool = False, part: tuple[int, int] | None = None) -> AttackPlan:
     """Resolve what to attack (see the module docstring).
 
     ``profile``: the profile whose ``[attack]``, ``[eval]`` and concepts apply (default: the immunization run's saved
     ``profile.toml`` with ``overrides``). ``profile_name`` / ``group`` also select the newest immunization run when
-    ``run`` is None. ``steps`` overrides the attack steps of every method.
+    ``run`` is None. ``steps`` overrides the attack steps of every method. ``part = (i, n)`` (with ``twin_only``)
+    attacks the i-th of n interleaved slices of the concepts (1-based; it may be empty): parts of the unimmunized
+    attack that parallel workers run at once and a later attack assembles from the cache.
     """
     from .profile import load_profile
     from .runs import find_run, read_status
@@ -223,10 +225,12 @@ def plan_attack(runs_dir: str | Path, *, run: str | None = None, profile: Profil
         raise AttackUsageError(f"immunization run {imm.name}: {e}") from None
     if not targets:
         raise AttackUsageError(f"immunization run {imm.name} names no target concepts")
-    if only is not None:
+    if part is not None:
         if not twin_only:
-            raise ValueError("only: a subset of concepts is attacked only with twin_only")
-        targets, others = [c for c in targets if c in only], [c for c in others if c in only]
+            raise ValueError("part: a slice of the concepts is attacked only with twin_only")
+        i, n = part
+        keep = set((targets + others)[i - 1 :: n])
+        targets, others = [c for c in targets if c in keep], [c for c in others if c in keep]
     chosen = parse_methods(methods, profile)
     settings = {}
     for m in chosen:
@@ -580,6 +584,8 @@ class _Runner:
         from .models import model_hash
 
         plan = self.plan
+        if not plan.concepts:  # an empty slice (``part``): nothing to attack
+            return []
         probe = self.load(plan.twin_model)
         size = resolution(probe)
         self.twin_hash = plan.twin_hash or model_hash(probe)
@@ -641,11 +647,12 @@ def run_attacks(plan: AttackPlan, *, runs_dir: str | Path, device: str | None = 
 def attack(runs_dir: str | Path, *, run: str | None = None, methods: Sequence[str] | None = None,
            group: str | None = None, steps: int | None = None, profile: Profile | None = None,
            profile_name: str | None = None, overrides: Sequence[str] = (), control: bool = False,
-           twin_only: bool = False, only: Sequence[str] | None = None, device: str | None = None, progress=None,
+           twin_only: bool = False, part: tuple[int, int] | None = None, device: str | None = None,
+           progress=None,
            backends: Mapping[str, Any] | None = None, live_eval: bool = True,
            save_weights: bool = False) -> list[PairResult]:
     """:func:`plan_attack` then :func:`run_attacks`."""
     plan = plan_attack(runs_dir, run=run, profile=profile, profile_name=profile_name, overrides=overrides,
-                       group=group, methods=methods, steps=steps, control=control, twin_only=twin_only, only=only)
+                       group=group, methods=methods, steps=steps, control=control, twin_only=twin_only, part=part)
     return run_attacks(plan, runs_dir=runs_dir, device=device, progress=progress, backends=backends,
                        live_eval=live_eval, save_weights=save_weights)

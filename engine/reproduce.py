@@ -10,9 +10,10 @@ immunized model; the control re-attack. ``jobs > 1`` runs ready tasks in that ma
 ``cpu_count // jobs`` torch threads: on a CPU the testbed's small batches are bound by per-operation overhead,
 not arithmetic, so one thread runs them nearly as fast as two (the testbed demo on 2 cores: 9.5 min with 2 workers,
 15.6 min in one process). With several workers the unimmunized attack is split into one slice of concepts per
-worker, then assembled into one run from the attack cache. Every task reads its inputs from the runs directory and writes its own runs, so the results are those of
-the serial order; only float rounding may differ with the thread count, which is why a worker's thread count is
-fixed for the whole reproduction (the control's MSGR 0 compares two attacks run with the same count).
+worker, then assembled into one run from the attack cache. Every task reads its inputs from the runs directory
+and writes its own runs, so the results are those of the serial order; only float rounding may differ with the
+thread count, which is why a worker's thread count is fixed for the whole reproduction (the control's MSGR 0
+compares two attacks run with the same count).
 """
 
 from __future__ import annotations
@@ -213,15 +214,8 @@ def run_task(task: Task, ctx: _Context, progress=None) -> None:
         immunize(runs_dir=ctx.runs_dir, group=task.group, method=task.method,
                  parent=str(parent) if parent else None, **kw)
     elif task.kind == "twin":
-        from .attack_runs import plan_attack
-
-        run = imm_run(ctx.methods[0]).name
-        only = None
-        if task.part:
-            i, n = task.part
-            only = plan_attack(ctx.runs_dir, run=run, profile=ctx.profile, methods=ctx.attacks).concepts[i - 1 :: n]
-        if only != []:
-            attack(ctx.runs_dir, run=run, methods=ctx.attacks, twin_only=True, only=only, live_eval=False, **kw)
+        attack(ctx.runs_dir, run=imm_run(ctx.methods[0]).name, methods=ctx.attacks, twin_only=True, part=task.part,
+               live_eval=False, **kw)
     elif task.kind == "attack":
         run = imm_run(task.method)
         todo = [a for a in ctx.attacks if not _attacked(ctx.runs_dir, run, a)]
@@ -263,10 +257,15 @@ def _worker_progress(label: str):
     return send
 
 
-def _run_in_worker(task: Task, ctx: _Context) -> float:
+def _timed_run(task: Task, ctx: _Context, progress=None) -> float:
+    """:func:`run_task`; returns its seconds."""
     t0 = time.monotonic()
-    run_task(task, ctx, _worker_progress(task.method or task.kind) if _progress_queue is not None else None)
+    run_task(task, ctx, progress)
     return time.monotonic() - t0
+
+
+def _run_in_worker(task: Task, ctx: _Context) -> float:
+    return _timed_run(task, ctx, _worker_progress(task.method or task.kind) if _progress_queue is not None else None)
 
 
 def _schedule(tasks: list[Task], start: Callable[[Task], object], wait: Callable[[], tuple[Task, float]],
@@ -313,9 +312,7 @@ def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | Non
         pending: list[tuple[Task, float]] = []
 
         def start(t: Task) -> None:
-            t0 = time.monotonic()
-            run_task(t, ctx, progress)
-            pending.append((t, time.monotonic() - t0))
+            pending.append((t, _timed_run(t, ctx, progress)))
 
         _schedule(tasks, start, pending.pop, 1, say, log)
     else:
@@ -354,7 +351,8 @@ def _run_parallel(tasks: list[Task], ctx: _Context, jobs: int, progress, say, lo
     if pump:
         pump.start()
     futures: dict = {}
-    with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_init_worker, initargs=(threads, queue, worker_init)) as pool:
+    initargs = (threads, queue, worker_init)
+    with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_init_worker, initargs=initargs) as pool:
         def start(t: Task) -> None:
             futures[pool.submit(_run_in_worker, t, ctx)] = t
 

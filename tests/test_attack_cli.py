@@ -203,3 +203,20 @@ def test_ctrl_c_keeps_finished_concepts_and_the_next_attack_reuses_them(built, t
     assert twin["state"] == "finished" and twin["extra"]["done"] == CONCEPTS and twin["twin"] == res.run.name
     np.testing.assert_array_equal(load_eval_images(res.twin, "checkov", 1).images,
                                   load_eval_images(partial["dir"], "checkov", 1).images)
+
+
+def test_twin_parts_are_interleaved_slices_of_the_concepts(built, tmp_path):
+    from engine.attack_runs import attack, plan_attack
+
+    runs = copy_runs(built, tmp_path)
+    whole = plan_attack(runs, run=built["mima"]).concepts
+    n = len(whole)
+    slices = [plan_attack(runs, run=built["mima"], twin_only=True, part=(i, 2)).concepts for i in (1, 2)]
+    assert slices == [whole[0::2], whole[1::2]]
+    before = len(attack_runs(runs))
+    # more parts than concepts: the last slice is empty, and attacking it writes no run
+    assert plan_attack(runs, run=built["mima"], twin_only=True, part=(n + 1, n + 1)).concepts == []
+    assert attack(runs, run=built["mima"], twin_only=True, part=(n + 1, n + 1), live_eval=False) == []
+    assert len(attack_runs(runs)) == before
+    with pytest.raises(ValueError, match="only with twin_only"):
+        plan_attack(runs, run=built["mima"], part=(1, 2))
