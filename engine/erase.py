@@ -12,7 +12,9 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
           device: str | None = None, progress=None) -> Path:
     """Erase ``[erase] concepts`` (default: the group's targets) from ``[model] base`` with UCE; returns the run dir.
 
-    Preserved prompts: ``[erase] preserve``, or when empty the prompts of every profile concept not erased.
+    Preserved prompts: ``[erase] preserve``, or when empty the prompts of every profile concept not erased. A
+    preserved prompt that is also erased is erased: one list of every concept a model should keep (the testbed
+    profiles list the whole world) serves every group.
 
     The erased model is ``<run>/model`` (UNet only + ``mima_model.json`` naming the base). ``[erase] method = "none"``
     is an error here: there is nothing to erase.
@@ -30,8 +32,8 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
                    concepts=[c.name for c in concepts], base_model_hash=base_hash,
                    extra={"base": base, "target": profile.erase.target}) as run:
         e = profile.erase
-        erased = {c.name for c in concepts}
-        preserve = e.preserve or [c.prompt for c in profile.concepts if c.name not in erased]
+        erased = {c.prompt.strip() for c in concepts}
+        preserve = [p for p in e.preserve or [c.prompt for c in profile.concepts] if p.strip() not in erased]
         report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, [c.prompt for c in concepts], preserve,
                           e.target, e.lamb, e.erase_scale, e.preserve_scale)
         for key, value in vars(report).items():

@@ -321,7 +321,7 @@ class EraseSection(_Strict):
     concepts: list[str] = Field(default_factory=list)
     """Concepts to erase; empty = the target concepts of the group being run."""
     preserve: list[str] = Field(default_factory=list)
-    """Prompts whose cross-attention outputs the edit preserves; empty = the prompts of every concept not erased."""
+    """Prompts whose cross-attention outputs the edit preserves, less the erased ones; empty = every concept's prompt."""
     target: str = ""
     """Prompt the erased concepts are mapped to (``""`` = the empty prompt)."""
     lamb: float = Field(default=0.1, ge=0.0)

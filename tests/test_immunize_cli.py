@@ -88,3 +88,29 @@ def test_unknown_method_is_one_line(tmp_path, tiny_profile):
     res = runner.invoke(app, ["--runs-dir", str(tmp_path), "immunize", "-p", str(tiny_profile), "-m", "nope"])
     assert res.exit_code == 2
     assert "unknown immunization method 'nope'" in res.output and "Traceback" not in res.output
+
+
+def test_erase_drops_erased_prompts_from_preserve(tmp_path, tiny_profile):
+    """A preserve list naming every concept, the erased ones too, erases the same as one naming only the others."""
+    styles = ("strieker", "checkov", "ringo", "cellini")
+    text = tiny_profile.read_text()
+    old = 'preserve = ["a photo of a star"]'
+    assert old in text
+
+    def erased_unet(name, prompts):
+        prof = tmp_path / f"{name}.toml"
+        listed = ", ".join(f'"{p}"' for p in ["a photo of a star", *prompts])
+        prof.write_text(text.replace(old, f"preserve = [{listed}]"))
+        runs = tmp_path / name
+        assert _invoke("--runs-dir", runs, "erase", "-p", prof, "-g", "g2").exit_code == 0
+        (run,) = _runs(runs, "erase")
+        from engine.models import load_pipeline
+
+        rows = [e["value"] for e in RunReader(runs / run["id"]).events("scalar") if e["name"] == "uce/preserved_rows"]
+        return load_pipeline(runs / run["id"]).unet.state_dict(), rows
+
+    every, rows_every = erased_unet("every", [f"an artwork of {s}" for s in styles])
+    others, rows_others = erased_unet("others", [f"an artwork of {s}" for s in styles[2:]])
+    assert rows_every == rows_others
+    for k in every:
+        torch.testing.assert_close(every[k], others[k], rtol=0, atol=0)
