@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import typer
 
 from mima_cli.console import console, fail
@@ -62,9 +64,12 @@ def immunize_cmd(
     Starts from the UCE-erased model when [erase] method = "uce" (erasing first if needed), else from [model] base.
     The immunized model lands in runs/<id>/model; open it with engine.models.load_pipeline("runs/<id>").
 
+    Several GPUs: accelerate launch --num_processes 4 -m mima_cli immunize ... splits the concepts across them.
+
     Example: mima immunize --profile testbed --method mima
     """
     from engine.immunize import get_method
+    from engine.immunize.distributed import is_main_process
     from engine.immunize.runner import ImmunizationError, immunize
     from engine.runs import RunNotFound
     from mima_cli.attack import quiet_model_loading
@@ -77,14 +82,16 @@ def immunize_cmd(
             get_method(method)
         except ValueError as e:
             fail(e, 2)
+    main = is_main_process()  # under `accelerate launch`, the first process alone shows progress and prints
     try:
-        with stage_bars() as bars:
+        with stage_bars() if main else nullcontext() as bars:
             run_dir = immunize(p, runs_dir=runs_dir(ctx), group=_group(p, group) if p else None, method=method,
                                profile_name=profile,
                                parent=parent, device=device, resume=resume, progress=bars)
     except (ImmunizationError, RunNotFound) as e:
         fail(e, 1)
-    console.print(f"immunized model: {run_dir / 'model'}  (run {run_dir.name})")
+    if main:
+        console.print(f"immunized model: {run_dir / 'model'}  (run {run_dir.name})")
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch.func import functional_call
 
 from ..diffusion import noise_loss
+from .distributed import Split
 
 GRADIENT_MODES = ("exact", "fd", "first-order")
 FD_SCHEMES = ("central", "forward")
@@ -143,8 +144,11 @@ class BiLevel:
         j = n * (inst - self.prior_weight * prior)  # = sum over tasks of their means (equal batch sizes)
         return j, float(inst.detach()) * n, float(prior.detach()) * n
 
-    def meta_gradient(self, tasks: Sequence[Task]) -> tuple[dict[str, torch.Tensor], StepStats]:
-        """``{name: dJ/dtheta}`` for the ``S^u`` parameters, and the step's statistics."""
+    def meta_gradient(self, tasks: Sequence[Task], split: Split | None = None) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """``{name: dJ/dtheta}`` for the ``S^u`` parameters, and the step's statistics. With ``split``, this process
+        adapts only its share of the tasks and the processes combine their parts (:mod:`.distributed`)."""
+        if split is not None and split.world > 1:
+            return self._split_meta_gradient(tasks, split)
         stats = StepStats()
         upper = [self.params[k] for k in self.upper]
         exact = self.gradient == "exact"
@@ -166,22 +170,107 @@ class BiLevel:
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 
-    def alternating_gradient(self, tasks: Sequence[Task]) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def alternating_gradient(self, tasks: Sequence[Task], split: Split | None = None) -> tuple[dict[str, torch.Tensor], StepStats]:
         """The released MIMA code's scheme (a labelled reproduction, for comparison only): the inner steps and the
         merge are written into the model without gradient, then the first-order gradient of ``J`` is taken at the
         resulting weights. Not Algorithm 1: nothing flows through the merge and inner updates accumulate."""
         stats = StepStats()
-        adapted = []
-        for task in tasks:
-            a, stats.inner_loss[task.name], _ = self._adapt(task, create_graph=False)
-            adapted.append({k: v.detach() for k, v in a.items()})
+        split = split if split is not None and split.world > 1 else None
+        mine = split.mine(len(tasks)) if split else range(len(tasks))
+        adapted = {}
+        for i in mine:
+            a, stats.inner_loss[tasks[i].name], _ = self._adapt(tasks[i], create_graph=False)
+            adapted[i] = {k: v.detach() for k, v in a.items()}
+        copies = self._exchange(adapted, len(tasks), split) if split else [adapted[i] for i in mine]
         with torch.no_grad():
-            merged, stats.merge_residual = self._merge(adapted)
+            merged, stats.merge_residual = self._merge(copies)
             for k, v in merged.items():
                 self.params[k].copy_(v)
-        j, stats.outer_loss, stats.prior_loss = self._upper_objective({}, tasks)
         upper = [self.params[k] for k in self.upper]
-        out = dict(zip(self.upper, torch.autograd.grad(j, upper, materialize_grads=True)))
+        own = [tasks[i] for i in mine]
+        if own:
+            j, stats.outer_loss, stats.prior_loss = self._upper_objective({}, own)
+            grads = list(torch.autograd.grad(j, upper, materialize_grads=True))
+        else:
+            grads = [torch.zeros_like(p) for p in upper]
+        if split:
+            split.sum_(grads)
+            self._combine_stats(stats, split)
+        out = dict(zip(self.upper, grads))
+        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        return out, stats
+
+    # ------------------------------------------------------------------------------- tasks split across processes
+
+    def _exchange(self, adapted: dict[int, dict], n: int, split: Split) -> list[dict[str, torch.Tensor]]:
+        """Every task's adapted ``S^l`` copy on every process (detached), each broadcast by its owner."""
+        copies = []
+        for i in range(n):
+            names = self.lower
+            own = adapted.get(i)
+            buf = ([own[k].detach().clone() for k in names] if own is not None
+                   else [torch.empty_like(self.params[k]) for k in names])
+            split.broadcast_(buf, split.owner(i))
+            copies.append(dict(zip(names, buf)))
+        return copies
+
+    def _combine_stats(self, stats: StepStats, split: Split) -> None:
+        """Inner losses of every task, outer and prior losses summed over the processes."""
+        merged = {}
+        for part in split.gather(stats.inner_loss):
+            merged.update(part)
+        stats.inner_loss = merged
+        device = next(iter(self.params.values())).device  # NCCL sums tensors on the GPU only
+        losses = [torch.tensor([stats.outer_loss, stats.prior_loss], dtype=torch.float64, device=device)]
+        split.sum_(losses)
+        stats.outer_loss, stats.prior_loss = (float(v) for v in losses[0])
+
+    def _split_meta_gradient(self, tasks: Sequence[Task], split: Split) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """:meth:`meta_gradient` with this process adapting ``split.mine`` (see :mod:`.distributed`)."""
+        stats = StepStats()
+        n, mine = len(tasks), split.mine(len(tasks))
+        exact = self.gradient == "exact"
+        forward = self.gradient == "fd" and self.fd_scheme == "forward"
+        adapted, at_theta = {}, {}
+        for i in mine:
+            adapted[i], stats.inner_loss[tasks[i].name], at_theta[i] = self._adapt(
+                tasks[i], create_graph=exact, with_upper=forward)
+        copies = [{k: v.requires_grad_(True) for k, v in c.items()} for c in self._exchange(adapted, n, split)]
+        merged, stats.merge_residual = self._merge(copies)
+        upper = [self.params[k] for k in self.upper]
+        flat = [v for c in copies for v in c.values()]
+        own = [tasks[i] for i in mine]
+        if own:
+            j, stats.outer_loss, stats.prior_loss = self._upper_objective(merged, own)
+            grads = list(torch.autograd.grad(j, upper + flat, materialize_grads=True))
+        else:
+            grads = [torch.zeros_like(v) for v in upper + flat]
+        split.sum_(grads)  # dJ/dtheta on the direct path, and dJ/dtheta'_n for every task n
+        out = dict(zip(self.upper, grads[: len(upper)]))
+        us = [dict(zip(self.lower, grads[len(upper) + i * len(self.lower): len(upper) + (i + 1) * len(self.lower)]))
+              for i in range(n)]
+        back = {k: torch.zeros_like(self.params[k]) for k in self.upper}
+        upper_set = set(self.upper)
+        for i in mine:
+            u = us[i]
+            if exact:  # through theta'_i = theta - alpha grad L_i(theta), created with a graph
+                names = list(adapted[i])
+                parts = torch.autograd.grad([adapted[i][k] for k in names], upper, [u[k] for k in names],
+                                            materialize_grads=True)
+                for k, g in zip(self.upper, parts):
+                    back[k] += g
+                continue
+            for k in u:  # d theta'_i / d theta = I on S^l
+                if k in upper_set:
+                    back[k] += u[k]
+            if self.gradient == "fd" and self.inner_lr:
+                hvp = self._hvp(tasks[i], u, at_theta[i])
+                for k in self.upper:
+                    back[k] -= self.inner_lr * hvp[k]
+        parts = [back[k] for k in self.upper]
+        split.sum_(parts)
+        out = {k: out[k] + g for k, g in zip(self.upper, parts)}
+        self._combine_stats(stats, split)
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 

@@ -27,6 +27,7 @@ from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
 from . import MethodSpec, get_method
 from .core import Batch, BiLevel, StepStats, Task, make_merge_fn
+from .distributed import Split, current_split, process_device
 
 SAMPLE_SEEDS = (1000, 1001, 1002, 1003)
 
@@ -94,6 +95,7 @@ class Setup:
     bilevel: BiLevel
     projector: object
     kv_names: set[str]
+    split: Split | None = None  # this process's share of the tasks under a multi-process launch
 
 
 def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], others: list[Concept],
@@ -142,7 +144,7 @@ def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
     tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
     core = setup.bilevel
     fn = core.alternating_gradient if setup.spec.algorithm == "alternating" else core.meta_gradient
-    grads, stats = fn(tasks)
+    grads, stats = fn(tasks, setup.split)
     _check_finite(stats, step)
     for k, g in grads.items():
         core.params[k].grad = g.to(core.params[k].dtype)
@@ -222,7 +224,8 @@ def log_samples(logger, setup: Setup, profile: Profile, step: int) -> None:
 def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: int = 0, opt=None,
              progress=None, interrupt=None) -> int:
     """Steps ``start_step+1 .. steps``; returns the last step done. Ctrl-C (``interrupt.hit``, checked between steps)
-    checkpoints the last finished step, then raises ``KeyboardInterrupt``."""
+    checkpoints the last finished step, then raises ``KeyboardInterrupt``. ``logger`` and ``run_dir`` are None on
+    the processes other than the first of a multi-process launch: they compute and write nothing."""
     s = profile.immunize
     step_fn = outer_step
     params = dict(setup.pipe.unet.named_parameters())
@@ -234,6 +237,10 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             stats = step_fn(setup, opt, profile, step)
+            if logger is None:
+                if interrupt is not None and interrupt.hit:
+                    raise KeyboardInterrupt
+                continue
             for name, v in stats.inner_loss.items():
                 logger.log_scalar(f"inner_loss/{name}", v, step, concept=name)
             logger.log_scalar("outer_loss", stats.outer_loss, step)
@@ -254,7 +261,8 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
                 save_checkpoint(run_dir, setup, opt, step)
                 raise KeyboardInterrupt
     except ImmunizationError:
-        save_checkpoint(run_dir, setup, opt, step - 1)
+        if run_dir is not None:
+            save_checkpoint(run_dir, setup, opt, step - 1)
         raise
     return step
 
@@ -342,16 +350,22 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         others = [c for c in targets if c.name != name] + others
         targets = chosen
     base = profile.model.base
+    dev = process_device(pick_device(device or profile.model.device))
+    split = current_split(cpu=dev.type != "cuda")
+    main = split is None or split.main
+    progress = progress if main else None
     if parent is None and profile.erase.method == "uce":
         found = find_erase_run(runs_dir, profile_name, group, base)
-        if found is None:
+        if found is None and main:
             from ..erase import erase
 
             found = erase(profile, runs_dir=runs_dir, group=group, profile_name=profile_name, device=device,
                           progress=progress)
+        if split is not None:
+            split.barrier()  # the first process erases; the others then find its run
+            found = found or find_erase_run(runs_dir, profile_name, group, base)
         parent = str(found)
     parent_ref = parent or base
-    dev = pick_device(device or profile.model.device)
     dtype = pick_dtype(profile.model.dtype)
     pipe = load_pipeline(parent_ref, dev, dtype)
     parent_id = Path(parent_ref).name if Path(parent_ref).is_dir() and (Path(parent_ref) / "status.json").exists() else None
@@ -363,23 +377,31 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         return base_pipe_cache["p"]
 
     setup = prepare(pipe, profile, spec, targets, others, base_pipe, runs_dir / ".cache", progress)
+    setup.split = split
     if profile.immunize.gradient == "exact" and spec.algorithm == "bilevel":
         from diffusers.models.attention_processor import AttnProcessor
 
         pipe.unet.set_attn_processor(AttnProcessor())  # SDPA kernels have no double backward
     opt = make_optimizer(setup, profile)
+    if not main:  # another process of a launch: same steps, nothing written
+        with _DeferredInterrupt() as intr:
+            run_loop(setup, profile, None, None, load_checkpoint(run_dir, setup, opt) if resume else 0, opt,
+                     interrupt=intr)
+        return Path(split.gather(None)[0])
     writer = RunWriter(
         runs_dir, "immunize", method=method, profile=profile if not resume else None, profile_name=profile_name,
         group=group, concepts=[c.name for c in targets], parent=parent_id or (None if parent_ref == base else parent_ref),
         base_model_hash=model_hash(pipe), run_id=resume, resume=bool(resume),
         extra={"parent_model": str(parent_ref), "base": base, "anchor": profile.immunize.merge.anchor,
                "gradient": profile.immunize.gradient, "lower": lower_set(spec, profile.immunize),
-               "upper": upper_set(spec, profile.immunize), "others": [c.name for c in others]},
+               "upper": upper_set(spec, profile.immunize), "others": [c.name for c in others],
+               "processes": split.world if split else 1},
     )
     with writer:
         start = load_checkpoint(writer.dir, setup, opt) if resume else 0
         writer.log_status(f"{method}: {len(targets)} target(s), steps {start + 1}..{profile.immunize.steps}, "
                           f"merge anchor {profile.immunize.merge.anchor}, gradient {profile.immunize.gradient}"
+                          + (f", concepts split across {split.world} processes" if split else "")
                           + (" (LABELLED REPRODUCTION of the released code's scheme)" if spec.algorithm == "alternating" else ""))
         with _DeferredInterrupt() as intr:
             last = run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
@@ -390,4 +412,6 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
             p.requires_grad_(False)
         save_model(pipe, writer.dir / "model", base=base, full=False)
         writer.finish()
+    if split is not None:
+        split.gather(str(writer.dir))
     return writer.dir

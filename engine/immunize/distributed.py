@@ -1,0 +1,113 @@
+"""Concepts split across processes: ``accelerate launch -m mima_cli immunize ...`` on GPUs, ``torchrun
+--nproc_per_node 2 -m mima_cli immunize ...`` on CPUs (any ``torch.distributed`` launch).
+
+Process ``r`` of ``W`` adapts the tasks ``r, r + W, ...`` of every outer step (:meth:`Split.mine`); every process
+draws all tasks' batches (they are seeded), so no data moves. One outer step then exchanges:
+
+1. the adapted ``S^l`` copies, each broadcast by its owner, so that every process computes the same merge;
+2. the gradients of its share of the upper objective ``J_r`` (its own tasks' upper batches) with respect to ``S^u``
+   and to every adapted copy, summed over processes: ``dJ/dtheta'_n`` for every task ``n``;
+3. each process's back-propagation through its own inner steps (``exact``: through the inner step's graph; ``fd``:
+   the identity plus the finite-difference Hessian-vector product; ``first-order``: the identity), summed.
+
+All processes then hold the same meta-gradient and take the same optimiser step, so their weights stay equal;
+process 0 alone writes the run. Communication per step: ``N |S^l|`` broadcast and ``(N + 1) |S^l|`` summed
+(``|S^l|`` the lower set's size: small for ``xattn-kv``, the whole UNet for ``unet``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    """This process's rank among ``world`` processes of an initialised ``torch.distributed`` group."""
+
+    rank: int
+    world: int
+
+    def mine(self, n: int) -> list[int]:
+        """Indices of the tasks this process adapts."""
+        return list(range(self.rank, n, self.world))
+
+    def owner(self, i: int) -> int:
+        return i % self.world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
+        """Overwrite ``tensors`` with process ``src``'s values (one flat message)."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.broadcast(flat, src)
+        _unflatten_into(flat, tensors)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace ``tensors`` by their sums over the processes (one flat message per dtype)."""
+        import torch.distributed as dist
+
+        for dtype in {t.dtype for t in tensors}:
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat)
+            _unflatten_into(flat, group)
+
+    def gather(self, obj):
+        """Every process's ``obj``, in rank order."""
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    i = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[i : i + t.numel()].view_as(t))
+            i += t.numel()
+
+
+def launched_world() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 when not launched)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def current_split(cpu: bool) -> Split | None:
+    """The split of this process when it runs under a multi-process launch (``accelerate launch`` on GPUs,
+    ``torchrun`` or ``python -m torch.distributed.run`` anywhere), initialising the process group through accelerate
+    (NCCL on GPUs; gloo where ``cpu``) if the launcher has not; ``None`` in a single process."""
+    if launched_world() <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=cpu)
+    return Split(dist.get_rank(), dist.get_world_size())
+
+
+def process_device(device: torch.device) -> torch.device:
+    """This process's device under a launch: its own GPU (``LOCAL_RANK``) where ``device`` is a GPU."""
+    if launched_world() > 1 and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def is_main_process() -> bool:
+    """False in the processes other than the first of a multi-process launch (they print nothing)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
