@@ -176,6 +176,52 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
     return rows
 
 
+def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int | None = None,
+              autocast: bool | None = None, inner_lr: float = 1e-5) -> dict:
+    """Cosine between the ``fd`` meta-gradient (bf16 autocast on a GPU, SDPA attention) and the ``exact`` one
+    (float32, classic attention with a double backward) for the same random UNet, tasks and merge.
+
+    ``latent`` (default: the architecture's) shrinks the latents, not the network: an exact float32 step at SD 1.x
+    shapes needs about twice the bf16 figure in :data:`EXACT_GIB`, beyond one card at 64x64 for N = 2."""
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from .editing import merge_projector
+    from .immunize.core import BiLevel, make_merge_fn
+
+    dev = torch.device(device)
+    autocast = dev.type == "cuda" if autocast is None else autocast
+    torch.manual_seed(0)
+    unet, text = build_unet(arch)
+    if latent:
+        unet.register_to_config(sample_size=latent)
+    unet = unet.to(dev)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    names = [k for k, _ in unet.named_parameters()]
+    upper = [k for k in names if ".attn2." in k]
+    kv = {k for k in upper if (".to_k." in k or ".to_v." in k) and k.endswith(".weight")}
+    g = torch.Generator().manual_seed(1)
+    proj = merge_projector([torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)],
+                           torch.randn(200, text[1], generator=g).to(dev), ridge=1e-2)
+    tasks = synthetic_tasks(n, unet, text, dev, seed=n)
+
+    def meta(mode):
+        core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv))
+        grads, _ = core.meta_gradient(tasks)
+        return torch.cat([grads[k].double().flatten() for k in upper])
+
+    unet.set_attn_processor(AttnProcessor())
+    exact = meta("exact")
+    unet.set_default_attn_processor()
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        fd = meta("fd")
+    first = meta("first-order")
+    cos = float(fd @ exact / (fd.norm() * exact.norm()))
+    return {"arch": arch, "name": "agreement", "n": n, "latent": unet.config.sample_size,
+            "fd": "bf16" if autocast else "fp32", "exact": "fp32", "cosine_fd_exact": round(cos, 6),
+            "cosine_first_order_exact": round(float(first @ exact / (first.norm() * exact.norm())), 6)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=("sd1", "sd2", "testbed"), default="sd1")
@@ -184,7 +230,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=["exact", "fd", "first-order"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--agreement", action="store_true",
+                    help="only the cosine of fd (bf16) and exact (fp32) meta-gradients at the first --n")
+    ap.add_argument("--latent", type=int, default=None, help="latent size of the --agreement check")
     args = ap.parse_args(argv)
+    if args.agreement:
+        print(json.dumps(agreement(args.arch, args.device, args.n[0], args.latent)), flush=True)
+        return 0
     run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup,
         emit=lambda row: sys.stdout.write(json.dumps(row) + "\n") or sys.stdout.flush())
     return 0

@@ -28,3 +28,21 @@ def test_bench_cli_json_lines():
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
     assert [r["name"] for r in rows] == ["plain", "alternating", "mima"]
+
+
+def test_agreement_fd_follows_exact_where_first_order_does_not():
+    """At an inner learning rate where the second-order term dominates, fd keeps the exact meta-gradient's direction
+    and first-order loses it (testbed UNet, 8x8 latents, float32 on the CPU)."""
+    from engine.bench import agreement
+
+    row = agreement("testbed", "cpu", 2, latent=8, inner_lr=1.0)
+    assert row["latent"] == 8 and row["fd"] == "fp32"
+    assert row["cosine_fd_exact"] > 0.999
+    assert row["cosine_first_order_exact"] < 0.9
+
+
+def test_bench_cli_agreement_line():
+    res = CliRunner().invoke(app, ["bench", "--testbed", "--agreement", "--n", "2", "--latent", "8"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output.strip().splitlines()[-1])
+    assert row["name"] == "agreement" and row["n"] == 2 and -1 <= row["cosine_fd_exact"] <= 1.000001
