@@ -1,0 +1,16 @@
+#!/bin/bash
+# Issue #8's device check, one run on an NVIDIA H100/H200 (about 6 minutes): the `mima bench` table at SD v1.4
+# shapes (random weights, bf16 autocast) and the fd (bf16) / exact (fp32) agreement at N = 2.
+#
+# The device has PyTorch but not diffusers: carry its wheel (see benchmarks/README.md), e.g. with the device tool:
+#   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
+# Results: $OUT/bench.jsonl and $OUT/agreement.jsonl (one JSON object per line).
+set -o pipefail
+OUT=${OUT:-/tmp/mima-gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 330 python3 -m engine.bench --arch sd1 --device cuda --n 2 3 10 | tee "$OUT/bench.jsonl"
+timeout 150 python3 -m engine.bench --arch sd1 --device cuda --agreement --n 2 --latent 32 | tee "$OUT/agreement.jsonl"
