@@ -181,15 +181,14 @@ class BiLevel:
             a, stats.inner_loss[task.name], g_upper = self._adapt(task, create_graph=False, with_upper=forward)
             copies.append({k: a[k].detach().requires_grad_(True) for k in self.lower if k in kv})
             for k in self.lower:
-                if k not in kv:
-                    v = a[k].detach()
+                if k not in kv:  # a[k] is a fresh tensor (theta - alpha g), never a parameter's storage
                     if k in sums:
-                        sums[k].add_(v)
+                        sums[k].add_(a[k].detach())
                     else:
-                        sums[k] = v.clone()
+                        sums[k] = a[k].detach()
             del a
             at_theta.append(g_upper)
-        mean = {k: (v / n).requires_grad_(True) for k, v in sums.items()}
+        mean = {k: v.div_(n).requires_grad_(True) for k, v in sums.items()}
         del sums
         merged, stats.merge_residual = dict(mean), 0.0
         if kv:
