@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latent", type=int, default=None, help="latent size of the --agreement check")
     args = ap.parse_args(argv)
     if args.agreement:
-        print(json.dumps(agreement(args.arch, args.device, args.n[0], args.latent)), flush=True)
+        sys.stdout.write(json.dumps(agreement(args.arch, args.device, args.n[0], args.latent)) + "\n")
         return 0
     run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup,
         emit=lambda row: sys.stdout.write(json.dumps(row) + "\n") or sys.stdout.flush())
