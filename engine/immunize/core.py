@@ -202,18 +202,12 @@ class BiLevel:
         out = dict(zip(self.upper, grads))
         shared = {k: g / n for k, g in zip(mean, grads[len(upper): len(upper) + len(mean)])}  # dJ/dtheta'_n, every n
         i = len(upper) + len(mean)
-        upper_set = set(self.upper)
         for task, c, g0 in zip(tasks, copies, at_theta):
             u = dict(shared)
             u.update(zip(c, grads[i: i + len(c)]))
             i += len(c)
-            for k in u:  # d theta'_n / d theta = I on S^l
-                if k in upper_set:
-                    out[k] = out[k] + u[k]
-            if self.gradient == "fd" and self.inner_lr:
-                hvp = self._hvp(task, u, g0)
-                for k in self.upper:
-                    out[k] = out[k] - self.inner_lr * hvp[k]
+            for k, g in self._through_inner_step(task, u, g0).items():
+                out[k] = out[k] + g
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
 
@@ -297,7 +291,6 @@ class BiLevel:
         us = [dict(zip(self.lower, grads[len(upper) + i * len(self.lower): len(upper) + (i + 1) * len(self.lower)]))
               for i in range(n)]
         back = {k: torch.zeros_like(self.params[k]) for k in self.upper}
-        upper_set = set(self.upper)
         for i in mine:
             u = us[i]
             if exact:  # through theta'_i = theta - alpha grad L_i(theta), created with a graph
@@ -307,19 +300,24 @@ class BiLevel:
                 for k, g in zip(self.upper, parts):
                     back[k] += g
                 continue
-            for k in u:  # d theta'_i / d theta = I on S^l
-                if k in upper_set:
-                    back[k] += u[k]
-            if self.gradient == "fd" and self.inner_lr:
-                hvp = self._hvp(tasks[i], u, at_theta[i])
-                for k in self.upper:
-                    back[k] -= self.inner_lr * hvp[k]
+            for k, g in self._through_inner_step(tasks[i], u, at_theta[i]).items():
+                back[k] += g
         parts = [back[k] for k in self.upper]
         split.sum_(parts)
         out = {k: out[k] + g for k, g in zip(self.upper, parts)}
         self._combine_stats(stats, split)
         stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
         return out, stats
+
+    def _through_inner_step(self, task: Task, u: dict[str, torch.Tensor], at_theta: dict | None) -> dict:
+        """``u`` (dJ/dtheta'_n on ``S^l``) carried back through ``theta'_n = theta - alpha g_n`` onto ``S^u``
+        without a graph: the identity on ``S^l``, and for ``fd`` minus ``alpha`` times the Hessian-vector product."""
+        upper_set = set(self.upper)
+        out = {k: u[k] for k in u if k in upper_set}
+        if self.gradient == "fd" and self.inner_lr:
+            for k, h in self._hvp(task, u, at_theta).items():
+                out[k] = out[k] - self.inner_lr * h if k in out else -self.inner_lr * h
+        return out
 
     def _hvp(self, task: Task, u: dict[str, torch.Tensor], at_theta: dict | None = None) -> dict[str, torch.Tensor]:
         """``H[S^u, S^l] u`` by central differences of ``grad_{S^u} L_n`` along ``u`` (on ``S^l``), or by forward
