@@ -67,6 +67,11 @@ class Task:
     upper: Batch
 
 
+def global_norm(grads: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors of ``grads`` together."""
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())))
+
+
 @dataclass
 class StepStats:
     inner_loss: dict[str, float] = field(default_factory=dict)
@@ -160,7 +165,7 @@ class BiLevel:
         merged, stats.merge_residual = self._merge(adapted)
         j, stats.outer_loss, stats.prior_loss = self._upper_objective(merged, tasks)
         out = dict(zip(self.upper, torch.autograd.grad(j, upper, materialize_grads=True)))
-        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        stats.grad_norm = global_norm(out)
         return out, stats
 
     def _kv_names(self) -> set[str]:
@@ -208,7 +213,7 @@ class BiLevel:
             i += len(c)
             for k, g in self._through_inner_step(task, u, g0).items():
                 out[k] = out[k] + g
-        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        stats.grad_norm = global_norm(out)
         return out, stats
 
     def alternating_gradient(self, tasks: Sequence[Task], split: Split | None = None) -> tuple[dict[str, torch.Tensor], StepStats]:
@@ -238,7 +243,7 @@ class BiLevel:
             split.sum_(grads)
             self._combine_stats(stats, split)
         out = dict(zip(self.upper, grads))
-        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        stats.grad_norm = global_norm(out)
         return out, stats
 
     # ------------------------------------------------------------------------------- tasks split across processes
@@ -306,7 +311,7 @@ class BiLevel:
         split.sum_(parts)
         out = {k: out[k] + g for k, g in zip(self.upper, parts)}
         self._combine_stats(stats, split)
-        stats.grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in out.values())))
+        stats.grad_norm = global_norm(out)
         return out, stats
 
     def _through_inner_step(self, task: Task, u: dict[str, torch.Tensor], at_theta: dict | None) -> dict:
