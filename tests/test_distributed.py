@@ -63,9 +63,9 @@ def test_two_processes_equal_one(tmp_path, n):
         torch.testing.assert_close(parts[0][mode][0], parts[1][mode][0], rtol=0, atol=0)
 
 
-def test_torchrun_two_processes_equals_one(tmp_path, tiny_profile):
-    """`torchrun --nproc_per_node 2 -m mima_cli immunize` (gloo on CPU; `accelerate launch` on GPUs takes the same
-    path) writes one run whose immunized weights equal the one-process run's."""
+def test_accelerate_two_processes_equals_one(tmp_path, tiny_profile):
+    """`accelerate launch --multi_gpu --num_processes 2 -m mima_cli immunize` on a CPU (accelerate starts the two
+    processes through torch.distributed.run; gloo) writes one run whose immunized weights equal the one-process run's."""
     import json
     import subprocess
     import sys
@@ -80,8 +80,10 @@ def test_torchrun_two_processes_equals_one(tmp_path, tiny_profile):
     res = CliRunner().invoke(app, ["--runs-dir", str(one), "immunize", "-p", str(tiny_profile), "-g", "g2"])
     assert res.exit_code == 0, res.output
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "-m", "mima_cli", "--runs-dir", str(two), "immunize", "-p", str(tiny_profile),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(_free_port())]
+    proc = subprocess.run([*launch, "-m", "mima_cli", "--runs-dir", str(two), "immunize", "-p", str(tiny_profile),
                            "-g", "g2"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("immunized model:") == 1  # the first process alone prints
