@@ -144,6 +144,22 @@ def test_custom_diffusion_file_is_what_diffusers_parses(base_dir, tmp_path):
     torch.testing.assert_close(unet_out(target, embed(target)), unet_out(pipe, embed(pipe)), atol=1e-5, rtol=0)
 
 
+def test_custom_diffusion_processors_start_as_the_model(base_dir):
+    """Custom Diffusion's k/v processors, freshly installed, compute what the model did (they copy its k/v), so
+    training starts from the attacked model; a processor that reads its own weights wrong would show here."""
+    from engine.attacks.custom_diffusion import install_kv_processors
+
+    pipe = fresh(base_dir)
+    context = embed(pipe)
+    before = unet_out(pipe, context)
+    params = install_kv_processors(pipe.unet)
+    assert params and all(p.requires_grad for p in params)
+    torch.testing.assert_close(unet_out(pipe, context), before, atol=1e-6, rtol=0)
+    with torch.no_grad():  # the processors' own value weights are the ones used
+        params[1].add_(torch.randn(params[1].shape, generator=torch.Generator().manual_seed(0)) * params[1].std())
+    assert float((unet_out(pipe, context) - before).norm() / before.norm()) > 1e-3
+
+
 def test_attack_is_a_pure_function_of_its_inputs(base_dir):
     from engine.sampling import generate
 
