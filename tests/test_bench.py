@@ -46,3 +46,23 @@ def test_bench_cli_agreement_line():
     assert res.exit_code == 0, res.output
     row = json.loads(res.output.strip().splitlines()[-1])
     assert row["name"] == "agreement" and row["n"] == 2 and -1 <= row["cosine_fd_exact"] <= 1.000001
+
+
+def test_bench_row_out_of_memory_is_recorded_and_the_rest_still_run(monkeypatch):
+    """A row that runs out of GPU memory (fd at N = 10 on one H200) becomes a skipped row; the next rows still run."""
+    import torch
+
+    import engine.bench as bench
+
+    calls, real = [], bench.measure
+
+    def measure(fn, dev, repeats, warmup):
+        calls.append(1)
+        if len(calls) == 3:  # plain, alternating, then mima fd at N = 2
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(fn, dev, repeats, warmup)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    rows = bench.run("testbed", "cpu", ns=(2,), modes=("fd", "first-order"), repeats=1, warmup=0)
+    assert [(r["mode"], "skipped" in r) for r in rows[2:]] == [("fd", True), ("first-order", False)]
+    assert rows[2]["skipped"].startswith("out of memory") and rows[3]["seconds"] > 0
