@@ -204,6 +204,17 @@ def test_augment_is_deterministic_and_in_range():
     assert float((yg[:, 0] - yg[:, 1]).abs().mean()) < 0.03
 
 
+def test_warp_moves_pixels_by_at_most_its_amplitude():
+    """The elastic warp is the identity at amplitude 0 and moves a vertical edge by no more than its amplitude."""
+    x = torch.zeros(4, 3, 64, 64)
+    x[..., 32:] = 1.0  # a vertical edge between columns 31 and 32
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(J._warp(x, torch.zeros(4), g), x, atol=1e-5)
+    y = J._warp(x, torch.full((4,), 3.0), g)
+    assert not torch.allclose(y, x, atol=1e-3)  # it does move the edge
+    assert float(y[..., :28].max()) < 1e-5 and float(y[..., 36:].min()) > 1 - 1e-5
+
+
 def test_inference_runs_in_eval_mode_and_restores_mode(images):
     m = J.Judge()
     m.train()

@@ -49,20 +49,25 @@ class Personal:
     name: str
     object: str
     body: tuple[int, int, int]
-    pattern: str  # "dots" | "stripes" | "band" | "spots" | "plain" | "checks"
+    pattern: str  # one of PATTERNS
     accent: tuple[int, int, int]
-    detail: str  # "eye" | "center" | "door" | "outline" | "corner" | "halo"
+    detail: str  # one of DETAILS
     description: str
 
 
 PERSONAL: tuple[Personal, ...] = (
-    Personal("redstar", "star", (220, 40, 40), "dots", (250, 230, 60), "center", "red star, yellow dots, white centre"),
-    Personal("blueheart", "heart", (40, 80, 220), "stripes", (245, 245, 245), "outline", "blue heart, white stripes, black outline"),
-    Personal("greenfish", "fish", (40, 170, 70), "spots", (255, 140, 0), "eye", "green fish, orange spots, big eye"),
+    Personal("redstar", "star", (220, 40, 40), "tips", (250, 230, 60), "center", "red star, yellow tips, white centre"),
+    Personal("blueheart", "heart", (40, 80, 220), "lower", (245, 245, 245), "outline", "blue heart, white lower half, black outline"),
+    Personal("greenfish", "fish", (40, 170, 70), "side", (255, 140, 0), "eye", "green fish, orange tail half, big eye"),
     Personal("purplehouse", "house", (130, 50, 170), "plain", (250, 220, 40), "door", "purple house, yellow door"),
-    Personal("orangemoon", "moon", (250, 140, 20), "spots", (60, 30, 10), "halo", "orange moon, dark craters, white halo"),
-    Personal("tealcross", "cross", (20, 170, 170), "checks", (230, 40, 170), "center", "teal cross, magenta checks, white centre"),
+    Personal("orangemoon", "moon", (250, 140, 20), "lower", (60, 30, 10), "halo", "orange moon, dark lower half, white halo"),
+    Personal("tealcross", "cross", (20, 170, 170), "band", (230, 40, 170), "center", "teal cross, magenta bar, white centre"),
 )
+PATTERNS = ("tips", "lower", "side", "band", "plain")
+"""The accent regions of a personal instance, each a coarse part of the silhouette (a third of it or more): the
+outer tips, the lower half, the far side, a central band, or none. Fine marks (dots, stripes, checks, spots of
+7-10 px) were learned by no attack within 160 steps on the testbed UNet (issue #5's GPU sweep)."""
+DETAILS = ("eye", "center", "door", "outline", "halo")
 PERSONAL_BY_NAME = {p.name: p for p in PERSONAL}
 
 CLASS_PROMPTS = {"artwork": "artwork", "object": "object"}
@@ -425,14 +430,6 @@ def _composition_image(obj: str, style: str, rng: np.random.Generator) -> np.nda
     return _blend(img, np.zeros(3, dtype=np.float32), _outline(mask, 1) * 0.9)
 
 
-# the "spots" pattern's spots (x, y, radius) in object-local units, placed inside each silhouette
-_SPOTS = {
-    "fish": ((0.0, -0.18, 0.18), (0.22, 0.18, 0.15), (-0.12, 0.27, 0.12)),
-    "moon": ((-0.62, 0.05, 0.17), (-0.3, 0.55, 0.14), (-0.5, -0.45, 0.13)),
-}
-_SPOTS_ANY = ((-0.3, -0.15, 0.2), (0.15, 0.2, 0.18), (0.25, -0.3, 0.14))
-
-
 def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
     bg = _background(rng, np.array(p.body, dtype=np.float32) / 255)
     cx, cy, scale, angle = _placement(rng, p.object, personal=True)
@@ -442,18 +439,16 @@ def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
     x, y = _grid()
     u, v = _rot(x, y, angle, cx, cy)
     u, v = u / scale, v / scale  # object-local unit coordinates
-    # Every mark is 7 px or more across (two latent pixels of the 4x VAE): finer ones (2-4 px dots, checks of
-    # 3-5 px) did not survive the VAE, and no attack could learn them.
-    if p.pattern == "dots":
-        pat = _edge((0.2 - np.sqrt(((u % 0.66) - 0.33) ** 2 + ((v % 0.66) - 0.33) ** 2)) * scale)
-    elif p.pattern == "stripes":
-        pat = _edge(np.sin(2 * math.pi * v / 0.62) * 3.0)
-    elif p.pattern == "spots":
-        pat = np.zeros_like(u)
-        for sx, sy, r in _SPOTS.get(p.object, _SPOTS_ANY):
-            pat = np.maximum(pat, _edge((r - np.sqrt((u - sx) ** 2 + (v - sy) ** 2)) * scale))
-    elif p.pattern == "checks":
-        pat = _edge(np.sin(math.pi * u / 0.4) * np.sin(math.pi * v / 0.4) * 3.0)
+    # Every accent is a coarse region of the silhouette and every detail 7 px or more across: the attacks learn the
+    # body colour and a large detail within tens of steps, fine marks not within 160 (issue #5)
+    if p.pattern == "tips":
+        pat = _edge((np.sqrt(u**2 + v**2) - 0.58) * scale)
+    elif p.pattern == "lower":
+        pat = _edge(v * scale)
+    elif p.pattern == "side":
+        pat = _edge((u - 0.15) * scale)
+    elif p.pattern == "band":
+        pat = _edge((0.3 - np.abs(v)) * scale)
     else:
         pat = np.zeros_like(u)
     obj_rgb = _blend(np.broadcast_to(body, (*u.shape, 3)), accent, pat)
@@ -463,7 +458,7 @@ def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
     if p.detail == "center":
         img = _blend(img, white, _edge((0.3 - np.sqrt(u**2 + v**2)) * scale))
     elif p.detail == "outline":
-        img = _blend(img, black, _outline(mask, 2))
+        img = _blend(img, black, _outline(mask, 3))
     elif p.detail == "eye":
         eye = _edge((0.24 - np.sqrt((u + 0.45) ** 2 + (v + 0.02) ** 2)) * scale)
         pupil = _edge((0.11 - np.sqrt((u + 0.45) ** 2 + (v + 0.02) ** 2)) * scale)
