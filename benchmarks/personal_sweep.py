@@ -24,16 +24,19 @@ PROFILE = "testbed-personal"
 EVAL_STEPS = (20, 40, 80, 120, 160)
 
 
-def grid(smoke: bool) -> list[dict]:
+LRS = {"dreambooth": (1e-4, 3e-4, 1e-3, 3e-3), "custom-diffusion": (1e-3, 3e-3, 1e-2, 3e-2),
+       "dreambooth-lora": (1e-3, 3e-3, 1e-2), "textual-inversion": (5e-3, 2e-2, 5e-2)}
+
+
+def grid(smoke: bool, methods=tuple(LRS), lrs: tuple[float, ...] = (), batches=(1, 4), priors=(False, True)) -> list[dict]:
+    """The settings to run, method-major (``lrs`` empty: :data:`LRS` of each method)."""
     if smoke:
         return [dict(method="dreambooth", lr=3e-4, batch=2, prior=False, steps=2, eval_every=1),
                 dict(method="custom-diffusion", lr=1e-3, batch=1, prior=True, steps=2, eval_every=1)]
     cfgs = []
-    lrs = {"dreambooth": (1e-4, 3e-4, 1e-3, 3e-3), "custom-diffusion": (1e-3, 3e-3, 1e-2, 3e-2),
-           "dreambooth-lora": (1e-3, 3e-3, 1e-2), "textual-inversion": (5e-3, 2e-2, 5e-2)}
-    for method in ("dreambooth", "custom-diffusion", "dreambooth-lora", "textual-inversion"):
-        priors = (False,) if method == "textual-inversion" else (False, True)
-        for lr, batch, prior in itertools.product(lrs[method], (1, 4), priors):
+    for method in methods:
+        ps = (False,) if method == "textual-inversion" else priors
+        for lr, batch, prior in itertools.product(lrs or LRS[method], batches, ps):
             cfgs.append(dict(method=method, lr=lr, batch=batch, prior=prior, steps=max(EVAL_STEPS), eval_every=0))
     return cfgs
 
@@ -107,22 +110,32 @@ WORKERS = [1]
 
 
 def main(argv=None) -> int:
+    global EVAL_STEPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--concepts", default="redstar,blueheart,purplehouse,orangemoon,tealcross,greenfish")
+    ap.add_argument("--methods", default=",".join(LRS))
+    ap.add_argument("--lrs", default="", help="comma-separated learning rates (default: each method's LRS)")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--priors", default="0,1", help="prior preservation off (0) and/or on (1)")
+    ap.add_argument("--eval-steps", default=",".join(map(str, EVAL_STEPS)))
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
+    EVAL_STEPS = tuple(int(x) for x in a.eval_steps.split(","))
     concepts = a.concepts.split(",")[:1] if a.smoke else a.concepts.split(",")
-    tasks = [(cfg, c) for cfg in grid(a.smoke) for c in concepts]
+    cfgs = grid(a.smoke, a.methods.split(","), tuple(float(x) for x in a.lrs.split(",") if x),
+                tuple(int(x) for x in a.batches.split(",")), tuple(x == "1" for x in a.priors.split(",")))
+    tasks = [(cfg, c) for cfg in cfgs for c in concepts]
     WORKERS[0] = a.workers
     if a.workers == 1:
         worker(0, tasks, a.out, a.device, mp.Lock())
         return 0
     ctx = mp.get_context("spawn")
     lock = ctx.Lock()
-    procs = [ctx.Process(target=_spawned, args=(r, a.workers, tasks, a.out, a.device, lock)) for r in range(a.workers)]
+    procs = [ctx.Process(target=_spawned, args=(r, a.workers, EVAL_STEPS, tasks, a.out, a.device, lock), daemon=True)
+             for r in range(a.workers)]
     for pr in procs:
         pr.start()
     for pr in procs:
@@ -130,8 +143,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _spawned(rank, workers, tasks, out, device, lock):
-    WORKERS[0] = workers
+def _spawned(rank, workers, eval_steps, tasks, out, device, lock):
+    global EVAL_STEPS
+    WORKERS[0], EVAL_STEPS = workers, eval_steps
     worker(rank, tasks, out, device, lock)
 
 
