@@ -2,9 +2,14 @@
 waves; zigler is the worst concept, 0.44).
 
 ``python benchmarks/zigler_variants.py sheet OUT.png`` renders wavell, the shipped zigler and every variant side by
-side; ``python benchmarks/zigler_variants.py build VARIANT OUT [--device cuda] [--set KEY=VALUE ...]`` builds a whole
-testbed (``engine.testbed.train.build_testbed``) with the variant drawn in place of the shipped zigler, then writes
-``OUT/check.json`` (``mima testbed check``'s gates on that build's pipeline and judge) and ``OUT/grid.png``.
+side; ``python benchmarks/zigler_variants.py build VARIANT OUT [--device cuda] [--stages a,b] [--set KEY=VALUE ...]
+[--check]`` runs the stages of a testbed build (``engine.testbed.train.build_testbed``; default all) with the variant
+drawn in place of the shipped zigler; ``check VARIANT OUT`` (or ``--check``) writes ``OUT/check.json``
+(``mima testbed check``'s gates on that build's pipeline and judge) and ``OUT/grid.png``.
+
+On a GPU the judge stage is bound by rendering on the CPU (about 200 s of an H200 machine's time), so
+``benchmarks/gpu_testbed.sh`` builds everything else there and the judge stage runs here
+(``build VARIANT OUT --stages judge``, 7-11 min on 2 cores) before ``check``.
 
 - ``chevron``: two-colour bands displaced by a steep, sharp zigzag (slope 1.4, corners every 12-16 px, band period
   26-32 px along the bands' axis, 15-19 px across them), so the zigzag is a coarse feature, not a corner detail;
@@ -78,19 +83,14 @@ def sheet(out: str, n: int = 8) -> None:
     Image.fromarray(np.concatenate(tiles, axis=0)).resize((64 * n * 2, 64 * len(rows) * 2), Image.NEAREST).save(out)
 
 
-def build(variant: str, out: str, device: str, overrides: list[str], check_n: int, tiny: bool = False) -> dict:
-    import torch
-
+def build(variant: str, out: str, device: str, overrides: list[str], tiny: bool = False,
+          stages: tuple[str, ...] | None = None) -> dict:
+    """Run (or resume) ``stages`` of a testbed build (default: all) with ``variant`` drawn for zigler."""
     from engine.testbed.build import DEFAULT, TINY
-    from engine.testbed.check import check_testbed
-    from engine.testbed.grid import concept_grid
-    from engine.testbed.judge import load_judge_file
-    from engine.testbed.train import build_testbed
-    from engine.testbed import load_pipeline
+    from engine.testbed.train import STAGES, build_testbed
 
     use_variant(variant)
     cfg = (TINY if tiny else DEFAULT).with_overrides(overrides)
-    t0 = time.time()
     last = [0.0]
 
     def progress(stage, step, total, info):
@@ -98,17 +98,50 @@ def build(variant: str, out: str, device: str, overrides: list[str], check_n: in
             last[0] = time.time()
             print(f"[{variant}] {stage} {step}/{total} {info}", flush=True)
 
-    timings = build_testbed(out, cfg, seed=0, progress=progress, device=device)
+    return build_testbed(out, cfg, seed=0, progress=progress, device=device, stages=stages or STAGES)
+
+
+def check(variant: str, out: str, device: str, n: int) -> dict:
+    """``mima testbed check``'s gates on the build in ``out`` (its pipeline and judge): ``out/check.json``, and the
+    concept grid ``out/grid.png``."""
+    import torch
+
+    from engine.testbed import load_pipeline
+    from engine.testbed.check import check_testbed
+    from engine.testbed.grid import concept_grid
+    from engine.testbed.judge import load_judge_file
+
+    use_variant(variant)
     pipe = load_pipeline(Path(out) / "pipeline", device=device)
     judge = load_judge_file(Path(out) / "judge.safetensors", device=device)
     with torch.no_grad():
-        result = check_testbed(pipe, judge, n=check_n)
-    result.update(variant=variant, timings_s=timings, wall_s=time.time() - t0, device=device)
+        result = check_testbed(pipe, judge, n=n)
+    timings = Path(out, "timings.json")
+    result.update(variant=variant, device=device, timings_s=json.loads(timings.read_text()) if timings.exists() else {})
     Path(out, "check.json").write_text(json.dumps(result, indent=1))
     concept_grid(pipe).save(Path(out) / "grid.png")
     print(json.dumps({k: result[k] for k in ("variant", "generation_accuracy", "min_concept_accuracy",
                                              "judge_accuracy", "per_concept", "timings_s")}), flush=True)
     return result
+
+
+def unpack(tar: str, text: str, out: str) -> None:
+    """A device build (``benchmarks/gpu_testbed.sh``'s ``build_VARIANT.tar`` and ``text_VARIANT.safetensors``) into
+    ``out``, with the tokenizer written anew (it is the same for every build of one configuration)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    from engine.testbed.build import TestbedConfig, make_tokenizer
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar) as t:
+        t.extractall(out_dir, filter="data")
+    shutil.copy(text, out_dir / "pipeline" / "text_encoder" / "model.safetensors")
+    cfg = TestbedConfig(**{k: v for k, v in json.loads((out_dir / "config.json").read_text()).items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tokenizer(cfg, tmp).save_pretrained(out_dir / "pipeline" / "tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out")
     b.add_argument("--device", default="cpu")
     b.add_argument("--set", dest="overrides", action="append", default=[])
-    b.add_argument("--check-n", type=int, default=16)
     b.add_argument("--tiny", action="store_true", help="the tests' tiny configuration (a smoke run)")
+    b.add_argument("--stages", default="", help="comma-separated build stages (default: all)")
+    b.add_argument("--check", action="store_true", help="then check the build (needs its judge)")
+    b.add_argument("--check-n", type=int, default=16, help="generations per concept of the check")
+    c = sub.add_parser("check")
+    c.add_argument("variant", choices=VARIANTS)
+    c.add_argument("out")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--check-n", type=int, default=16)
+    u = sub.add_parser("unpack")
+    u.add_argument("tar")
+    u.add_argument("text")
+    u.add_argument("out")
     a = p.parse_args(argv)
+    if a.cmd == "unpack":
+        unpack(a.tar, a.text, a.out)
+        return 0
     if a.cmd == "sheet":
         sheet(a.out)
-    else:
-        build(a.variant, a.out, a.device, a.overrides, a.check_n, a.tiny)
+        return 0
+    if a.cmd == "build":
+        build(a.variant, a.out, a.device, a.overrides, a.tiny, tuple(x for x in a.stages.split(",") if x) or None)
+    if a.cmd == "check" or a.check:
+        check(a.variant, a.out, a.device, a.check_n)
     return 0
 
 
