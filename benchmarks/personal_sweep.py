@@ -28,7 +28,8 @@ LRS = {"dreambooth": (1e-4, 3e-4, 1e-3, 3e-3), "custom-diffusion": (1e-3, 3e-3, 
        "dreambooth-lora": (1e-3, 3e-3, 1e-2), "textual-inversion": (5e-3, 2e-2, 5e-2)}
 
 
-def grid(smoke: bool, methods=tuple(LRS), lrs: tuple[float, ...] = (), batches=(1, 4), priors=(False, True)) -> list[dict]:
+def grid(smoke: bool, methods=tuple(LRS), lrs: tuple[float, ...] = (), batches=(1, 4), priors=(False, True),
+         steps: int = max(EVAL_STEPS)) -> list[dict]:
     """The settings to run, method-major (``lrs`` empty: :data:`LRS` of each method)."""
     if smoke:
         return [dict(method="dreambooth", lr=3e-4, batch=2, prior=False, steps=2, eval_every=1),
@@ -37,11 +38,11 @@ def grid(smoke: bool, methods=tuple(LRS), lrs: tuple[float, ...] = (), batches=(
     for method in methods:
         ps = (False,) if method == "textual-inversion" else priors
         for lr, batch, prior in itertools.product(lrs or LRS[method], batches, ps):
-            cfgs.append(dict(method=method, lr=lr, batch=batch, prior=prior, steps=max(EVAL_STEPS), eval_every=0))
+            cfgs.append(dict(method=method, lr=lr, batch=batch, prior=prior, steps=steps, eval_every=0))
     return cfgs
 
 
-def run_one(cfg: dict, concept: str, device: str) -> dict:
+def run_one(cfg: dict, concept: str, device: str, eval_steps: tuple[int, ...] = EVAL_STEPS) -> dict:
     from engine.attacks import job_for_concept
     from engine.attacks.common import default_settings
     from engine.data import load_image_set
@@ -52,7 +53,7 @@ def run_one(cfg: dict, concept: str, device: str) -> dict:
     p = load_profile(PROFILE)
     c = p.concept(concept)
     steps = cfg["steps"]
-    eval_steps = [s for s in EVAL_STEPS if s <= steps] if not cfg["eval_every"] else list(range(1, steps + 1))
+    eval_steps = [s for s in eval_steps if s <= steps] if not cfg["eval_every"] else list(range(1, steps + 1))
     settings = default_settings(cfg["method"], testbed=True, steps=steps, lr=cfg["lr"], batch=cfg["batch"],
                                 prior_preservation=cfg["prior"], eval_every=0, eval_images=p.attack.eval_images,
                                 eval_prompt=p.attack.eval_prompt, token=p.attack.token)
@@ -88,15 +89,14 @@ def _run_with_steps(job, eval_steps, on_eval):
         AttackSettings.eval_steps = original
 
 
-def worker(rank: int, tasks: list, out: str, device: str, lock) -> None:
+def worker(rank: int, workers: int, eval_steps: tuple[int, ...], tasks: list, out: str, device: str, lock) -> None:
+    """Run every ``workers``-th task from ``rank`` on (one torch thread) and append its line to ``out``."""
     import torch
 
     torch.set_num_threads(1)
-    for i, (cfg, concept) in enumerate(tasks):
-        if i % WORKERS[0] != rank:
-            continue
+    for cfg, concept in tasks[rank::workers]:
         try:
-            line = run_one(cfg, concept, device)
+            line = run_one(cfg, concept, device, eval_steps)
         except Exception as e:  # a failed setting is a result too
             line = dict(cfg, concept=concept, error=f"{type(e).__name__}: {e}")
         with lock:
@@ -106,11 +106,8 @@ def worker(rank: int, tasks: list, out: str, device: str, lock) -> None:
                                                    "error")}), flush=True)
 
 
-WORKERS = [1]
-
 
 def main(argv=None) -> int:
-    global EVAL_STEPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu")
@@ -123,30 +120,23 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-steps", default=",".join(map(str, EVAL_STEPS)))
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
-    EVAL_STEPS = tuple(int(x) for x in a.eval_steps.split(","))
+    eval_steps = tuple(int(x) for x in a.eval_steps.split(","))
     concepts = a.concepts.split(",")[:1] if a.smoke else a.concepts.split(",")
     cfgs = grid(a.smoke, a.methods.split(","), tuple(float(x) for x in a.lrs.split(",") if x),
-                tuple(int(x) for x in a.batches.split(",")), tuple(x == "1" for x in a.priors.split(",")))
+                tuple(int(x) for x in a.batches.split(",")), tuple(x == "1" for x in a.priors.split(",")), max(eval_steps))
     tasks = [(cfg, c) for cfg in cfgs for c in concepts]
-    WORKERS[0] = a.workers
     if a.workers == 1:
-        worker(0, tasks, a.out, a.device, mp.Lock())
+        worker(0, 1, eval_steps, tasks, a.out, a.device, mp.Lock())
         return 0
     ctx = mp.get_context("spawn")
     lock = ctx.Lock()
-    procs = [ctx.Process(target=_spawned, args=(r, a.workers, EVAL_STEPS, tasks, a.out, a.device, lock), daemon=True)
+    procs = [ctx.Process(target=worker, args=(r, a.workers, eval_steps, tasks, a.out, a.device, lock), daemon=True)
              for r in range(a.workers)]
     for pr in procs:
         pr.start()
     for pr in procs:
         pr.join()
     return 0
-
-
-def _spawned(rank, workers, eval_steps, tasks, out, device, lock):
-    global EVAL_STEPS
-    WORKERS[0], EVAL_STEPS = workers, eval_steps
-    worker(rank, tasks, out, device, lock)
 
 
 if __name__ == "__main__":
