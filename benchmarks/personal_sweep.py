@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     eval_steps = tuple(int(x) for x in a.eval_steps.split(","))
     concepts = a.concepts.split(",")[:1] if a.smoke else a.concepts.split(",")
     cfgs = grid(a.smoke, a.methods.split(","), tuple(float(x) for x in a.lrs.split(",") if x),
-                tuple(int(x) for x in a.batches.split(",")), tuple(x == "1" for x in a.priors.split(",")), max(eval_steps))
+                tuple(int(x) for x in a.batches.split(",")), tuple(x == "1" for x in a.priors.split(",")),
+                max(eval_steps))
     tasks = [(cfg, c) for cfg in cfgs for c in concepts]
     if a.workers == 1:
         worker(0, 1, eval_steps, tasks, a.out, a.device, mp.Lock())

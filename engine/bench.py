@@ -28,8 +28,8 @@ SD1_UNET = dict(
 )
 SD2_UNET = dict(SD1_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 TEXT = {"sd1": (77, 768), "sd2": (77, 1024)}
-# GiB of a naive exact step on SD 1.x at batch 2 in bf16 (measured on an H200 with benchmarks/gpu.sh: 89.1 at N=2,
-# 127.1 at N=3); rows predicted above 90% of the card are skipped instead of run
+# GiB of a naive exact step on SD 1.x at batch 2 in bf16 (measured on an H200 with `python -m engine.bench`, table in
+# benchmarks/README.md: 89.1 at N=2, 127.1 at N=3); rows predicted above 90% of the card are skipped instead of run
 EXACT_GIB = {"base": 13.2, "per_concept": 38.0}
 
 

@@ -64,9 +64,9 @@ PERSONAL: tuple[Personal, ...] = (
     Personal("tealcross", "cross", (20, 170, 170), "band", (230, 40, 170), "center", "teal cross, magenta bar, white centre"),
 )
 PATTERNS = ("tips", "lower", "side", "band", "plain")
-"""The accent regions of a personal instance, each a coarse part of the silhouette (a third of it or more): the
-outer tips, the lower half, the far side, a central band, or none. Fine marks (dots, stripes, checks, spots of
-7-10 px) were learned by no attack within 160 steps on the testbed UNet (issue #5's GPU sweep)."""
+"""The accent regions of a personal instance, each a coarse part of the silhouette (25-60% of it, where no detail is
+drawn over it): the outer tips, the lower half, the far side, a central band, or none. Fine marks (dots, stripes,
+checks, spots of 7-10 px) were learned by no attack within 160 steps on the testbed UNet (issue #5's GPU sweep)."""
 DETAILS = ("eye", "center", "door", "outline", "halo")
 PERSONAL_BY_NAME = {p.name: p for p in PERSONAL}
 
@@ -439,8 +439,8 @@ def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
     x, y = _grid()
     u, v = _rot(x, y, angle, cx, cy)
     u, v = u / scale, v / scale  # object-local unit coordinates
-    # Every accent is a coarse region of the silhouette and every detail 7 px or more across: the attacks learn the
-    # body colour and a large detail within tens of steps, fine marks not within 160 (issue #5)
+    # Every accent is a coarse region of the silhouette and every detail 7 px or more across: DreamBooth learns the
+    # body colour and a large detail of some instances within 40-80 steps, fine marks not within 160 (issue #5)
     if p.pattern == "tips":
         pat = _edge((np.sqrt(u**2 + v**2) - 0.58) * scale)
     elif p.pattern == "lower":
