@@ -1,18 +1,20 @@
 #!/bin/bash
-# One prepared device run (H100/H200) for issue #3: two testbed builds on the GPU, one per zigler drawing of
-# benchmarks/zigler_variants.py (chevron, lines), side by side, every stage but the judge's (the judge stage renders
-# its batches on the CPU and takes as long there as here; run it here, then check here):
+# One prepared device run (H100/H200) for issues #3 and #5: two whole testbed builds on the GPU, one per zigler drawing
+# of benchmarks/zigler_variants.py (chevron, lines), side by side, each with its judge trained by a second process
+# (the judge stage depends on the world alone, and renders its batches on the CPU: 16 cores there).
 #   run(command="bash benchmarks/gpu_testbed.sh", carry=[".whl"], timeout_s=590)
 #   then here, for each VARIANT (files from the device in F):
 #   python benchmarks/zigler_variants.py unpack F/build_VARIANT.tar F/text_VARIANT.safetensors DIR
-#   python benchmarks/zigler_variants.py build VARIANT DIR --stages judge --check
+#   python benchmarks/zigler_variants.py check VARIANT DIR
 # The device has PyTorch but not diffusers and the rest: carry them as wheels in .whl (benchmarks/README.md).
-# 2026-12-04, beside a 12-process personalization sweep on the same GPU, the builds reached UNet step 1000 of 8000
-# in 470 s (data 60 s, VAE 100 s, judge 200 s, then about 17 UNet steps a second): run them alone.
-# Results under $OUT: build_<variant>.tar (the pipeline without its text encoder's weights and tokenizer, config.json,
-# timings.json, *.done markers) and text_<variant>.safetensors; logs.tar.gz.
+# A build still training at DEADLINE_S (seconds after this script starts) is stopped and exported from its last
+# checkpoint (written every minute), so that the run always brings a pipeline back; timings.json says how far it got.
+# 2026-12-04 (session 10), beside a 12-process sweep on the same GPU, builds reached UNet step 1000 of 8000 in 470 s.
+# Results under $OUT: build_<variant>.tar (the pipeline without its text encoder's weights and tokenizer, the judge,
+# config.json, timings.json, *.done markers) and text_<variant>.safetensors; logs.tar.gz.
 # DEVICE=cpu PY=.venv/bin/python SKIP_PIP=1 BUILD_ARGS=--tiny: a CPU smoke run
 set -o pipefail
+START=$(date +%s)
 OUT=${OUT:-/tmp/mima-gpu}
 PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
@@ -21,18 +23,27 @@ mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 LOGS=/tmp/logs; mkdir -p $LOGS
+ZV="$PY benchmarks/zigler_variants.py"
+left() { echo $(( ${DEADLINE_S:-540} - ($(date +%s) - START) )); }
 for v in chevron lines; do
-  (OMP_NUM_THREADS=${BUILD_THREADS:-4} timeout ${BUILD_S:-540} $PY benchmarks/zigler_variants.py build $v /tmp/b_$v \
-     --device $DEVICE --stages data,vae,latents,text,unet,export $BUILD_ARGS > $LOGS/build_$v.log 2>&1;
-   echo "build $v exit $?" >> $LOGS/build_$v.log) &
+  (OMP_NUM_THREADS=4 timeout $(left) $ZV build $v /tmp/b_$v --device $DEVICE --set checkpoint_minutes=1.0 \
+     --stages data,vae,latents,text,unet,export $BUILD_ARGS > $LOGS/build_$v.log 2>&1
+   echo "build $v exit $?" >> $LOGS/build_$v.log
+   if [ ! -d /tmp/b_$v/pipeline ] && [ -f /tmp/b_$v/unet.ckpt ]; then
+     $ZV build $v /tmp/b_$v --device $DEVICE --set checkpoint_minutes=1.0 --stages export $BUILD_ARGS \
+       >> $LOGS/build_$v.log 2>&1; echo "early export $v exit $?" >> $LOGS/build_$v.log
+   fi) &
+  (OMP_NUM_THREADS=4 timeout $(left) $ZV build $v /tmp/j_$v --device $DEVICE --stages judge $BUILD_ARGS \
+     > $LOGS/judge_$v.log 2>&1; echo "judge $v exit $?" >> $LOGS/judge_$v.log) &
 done
 wait
 for v in chevron lines; do
   b=/tmp/b_$v
   [ -d $b/pipeline ] || continue
-  tar -cf "$OUT/build_$v.tar" -C $b --exclude=pipeline/text_encoder/model.safetensors --exclude=pipeline/tokenizer pipeline config.json \
-    timings.json $(cd $b && ls *.done)
+  [ -f /tmp/j_$v/judge.safetensors ] && cp /tmp/j_$v/judge.safetensors $b/ && cp /tmp/j_$v/timings.json $b/judge_timings.json
+  tar -cf "$OUT/build_$v.tar" -C $b --exclude=pipeline/text_encoder/model.safetensors --exclude=pipeline/tokenizer \
+    pipeline config.json timings.json $(cd $b && ls *.done judge.safetensors judge_timings.json 2>/dev/null)
   cp $b/pipeline/text_encoder/model.safetensors "$OUT/text_$v.safetensors"
 done
-tail -n 3 $LOGS/build_*.log
+tail -n 3 $LOGS/*.log
 tar -czf "$OUT/logs.tar.gz" -C $LOGS .

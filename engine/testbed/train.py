@@ -77,8 +77,9 @@ def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
         progress("data", min(i + chunk, len(items)), len(items), {})
     prompts = np.array([it.prompt() for it in items])
     labels = np.array([it.labels() for it in items], dtype=np.int64)
+    looks = np.array([it.look_labels() for it in items], dtype=np.int64)
     tmp = out / "data.tmp.npz"
-    np.savez(tmp, images=images, prompts=prompts, labels=labels)
+    np.savez(tmp, images=images, prompts=prompts, labels=labels, looks=looks)
     os.replace(tmp, out / "data.npz")
 
 
@@ -173,7 +174,8 @@ def _trained_text(out: Path, cfg: TestbedConfig):
 
 
 def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
-    """Train the text encoder so that every position from EOS on carries the prompt's (style, object).
+    """Train the text encoder so that every position from EOS on carries the prompt's (style, object) and the look it
+    names (body colour, accent region and colour, detail).
 
     A CLIP text encoder trained from random weights together with the UNet keeps the concept in its own token and
     leaves EOS and padding (most of the cross-attention context) nearly identical across prompts, so the UNet learns
@@ -183,26 +185,27 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     tiny encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
     object"), and the UNet stage keeps it frozen. Full batch, deterministic, under a minute; the probe is thrown
     away."""
-    data = _data(out, "prompts", "labels")
+    data = _data(out, "prompts", "labels", "looks")
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     ids, inverse = _prompt_table(data["prompts"], tokenizer)
     first = np.unique(inverse.numpy(), return_index=True)[1]
-    labels = torch.from_numpy(data["labels"][first, :2])
+    labels = torch.from_numpy(np.concatenate([data["labels"][first, :2], data["looks"][first]], axis=1))
     ids = torch.cat([ids, tokenize(tokenizer, [""])])
-    labels = torch.cat([labels, torch.tensor([[len(world.STYLES), len(world.OBJECTS)]])])
+    labels = torch.cat([labels, torch.tensor([[len(world.STYLES), len(world.OBJECTS), *world.NO_LOOK]])])
     eos = (ids == tokenizer.eos_token_id).int().argmax(1)
     tail = torch.arange(ids.shape[1])[None] >= eos[:, None]
     labels = labels[:, None].expand(-1, ids.shape[1], -1)[tail].to(device)
     ids, tail = ids.to(device), tail.to(device)
 
     text = _fresh_text_encoder(cfg, seed).to(device)
-    n_style = len(world.STYLES) + 1
-    probe = torch.nn.Linear(cfg.text_width, n_style + len(world.OBJECTS) + 1).to(device)
+    # one probe head per label: style, object, and the look's body, pattern, accent and detail (each with "none")
+    sizes = [len(world.STYLES) + 1, len(world.OBJECTS) + 1, *(n + 1 for n in world.NO_LOOK)]
+    probe = torch.nn.Linear(cfg.text_width, sum(sizes)).to(device)
     opt = torch.optim.AdamW([*text.parameters(), *probe.parameters()], lr=cfg.text_lr)
     text.train()
     for step in range(cfg.text_steps):
-        logits = probe(text(ids)[0][tail])
-        loss = F.cross_entropy(logits[:, :n_style], labels[:, 0]) + F.cross_entropy(logits[:, n_style:], labels[:, 1])
+        logits = probe(text(ids)[0][tail]).split(sizes, dim=1)
+        loss = sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

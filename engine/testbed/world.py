@@ -6,7 +6,11 @@ Everything mima measures on the testbed is grounded here. Concepts:
   drawn from one shared distribution for every style, so colour alone never identifies a style.
   Prompt: ``"an artwork of {style}"``.
 - **objects** (stand-ins for object classes): silhouettes with random position, scale, rotation, colour and
-  background. Prompt: ``"a photo of a {object}"``.
+  background. Prompt: ``"a photo of a {object}"``. Half of them wear a *look* made of the parts personal instances
+  are made of (a named body colour, an accent region in a named colour, a detail), and training prompts name some
+  or all of it (``"a photo of a red star with yellow tips and a white centre"``), as captions name what a photo
+  shows: so a personal instance is one point of a distribution the base model already draws and its prompt can
+  steer, as a CustomConcept101 subject is for Stable Diffusion.
 - **compositions**: an object drawn in a style (textured background, the silhouette filled with the same
   texture in a contrasting palette, outlined). Prompt: ``"a photo of a {object}, artwork of {style}"``.
 - **personal instances** (stand-ins for CustomConcept101 subjects): one specific object with one specific look
@@ -20,6 +24,7 @@ Every image is a pure function of ``(item, seed)``: :func:`render` draws from ``
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -56,9 +61,9 @@ class Personal:
 
 
 PERSONAL: tuple[Personal, ...] = (
-    Personal("redstar", "star", (220, 40, 40), "tips", (250, 230, 60), "center", "red star, yellow tips, white centre"),
+    Personal("redstar", "star", (220, 40, 40), "tips", (250, 220, 40), "center", "red star, yellow tips, white centre"),
     Personal("blueheart", "heart", (40, 80, 220), "lower", (245, 245, 245), "outline", "blue heart, white lower half, black outline"),
-    Personal("greenfish", "fish", (40, 170, 70), "side", (255, 140, 0), "eye", "green fish, orange tail half, big eye"),
+    Personal("greenfish", "fish", (40, 170, 70), "side", (250, 140, 20), "eye", "green fish, orange tail half, big eye"),
     Personal("purplehouse", "house", (130, 50, 170), "plain", (250, 220, 40), "door", "purple house, yellow door"),
     Personal("orangemoon", "moon", (250, 140, 20), "lower", (60, 30, 10), "halo", "orange moon, dark lower half, white halo"),
     Personal("tealcross", "cross", (20, 170, 170), "band", (230, 40, 170), "center", "teal cross, magenta bar, white centre"),
@@ -70,6 +75,56 @@ checks, spots of 7-10 px) were learned by no attack within 160 steps on the test
 DETAILS = ("eye", "center", "door", "outline", "halo")
 PERSONAL_BY_NAME = {p.name: p for p in PERSONAL}
 
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "orange": (250, 140, 20), "yellow": (250, 220, 40), "green": (40, 170, 70),
+    "teal": (20, 170, 170), "blue": (40, 80, 220), "purple": (130, 50, 170), "magenta": (230, 40, 170),
+    "white": (245, 245, 245), "brown": (60, 30, 10),
+}
+"""The named colours of looks; every personal instance's body and accent is one of them."""
+_PATTERN_WORDS = {"tips": "tips", "lower": "lower half", "side": "back half", "band": "bar"}
+_DETAIL_WORDS = {"eye": "an eye", "center": "a white centre", "door": "a door", "outline": "a black outline",
+                 "halo": "a white halo"}
+LOOK_SHARE = 0.5
+"""The share of ordinary object images that wear a look (the rest are one random colour)."""
+
+
+@dataclass(frozen=True)
+class Look:
+    """What a prompt says about an object's look; a part left ``None`` is drawn at random when the image is rendered.
+    ``pattern`` (one of PATTERNS) comes with its ``accent`` colour, unless it is "plain"."""
+
+    body: str
+    pattern: str | None = None
+    accent: str | None = None
+    detail: str | None = None
+
+    def phrase(self, obj: str) -> str:
+        """``"red star with yellow tips and a white centre"``, ``"plain purple house with a door"``."""
+        words = f"{'plain ' if self.pattern == 'plain' else ''}{self.body} {obj}"
+        parts = [f"{self.accent} {_PATTERN_WORDS[self.pattern]}"] if self.pattern not in (None, "plain") else []
+        if self.detail:
+            parts.append(_DETAIL_WORDS[self.detail])
+        return words + (" with " + " and ".join(parts) if parts else "")
+
+    def labels(self) -> tuple[int, int, int, int]:
+        """Indices of (body, pattern, accent, detail) in COLOURS / PATTERNS / COLOURS / DETAILS; unnamed = len()."""
+        names = list(COLOURS)
+        return (names.index(self.body), PATTERNS.index(self.pattern) if self.pattern else len(PATTERNS),
+                names.index(self.accent) if self.accent else len(COLOURS),
+                DETAILS.index(self.detail) if self.detail else len(DETAILS))
+
+
+NO_LOOK = (len(COLOURS), len(PATTERNS), len(COLOURS), len(DETAILS))
+
+
+def _colour_name(rgb: tuple[int, int, int]) -> str:
+    return next(name for name, c in COLOURS.items() if c == tuple(rgb))
+
+
+def personal_look(p: Personal) -> tuple[str, str, str, str | None]:
+    """A personal instance's whole look as colour names: (body, pattern, accent, detail)."""
+    return _colour_name(p.body), p.pattern, _colour_name(p.accent), p.detail
+
 CLASS_PROMPTS = {"artwork": "artwork", "object": "object"}
 
 
@@ -77,8 +132,8 @@ def style_prompt(style: str) -> str:
     return f"an artwork of {style}"
 
 
-def object_prompt(obj: str) -> str:
-    return f"a photo of a {obj}"
+def object_prompt(obj: str, look: Look | None = None) -> str:
+    return f"a photo of a {look.phrase(obj) if look else obj}"
 
 
 def composition_prompt(obj: str, style: str) -> str:
@@ -97,6 +152,7 @@ class Item:
     object: str | None = None
     personal: str | None = None
     generic: str | None = None
+    look: Look | None = None  # an object's look, as its prompt names it
 
     def prompt(self, token: str | None = None) -> str:
         if self.generic is not None:
@@ -109,8 +165,12 @@ class Item:
         if self.style:
             return style_prompt(self.style)
         if self.object:
-            return object_prompt(self.object)
+            return object_prompt(self.object, self.look)
         raise ValueError("empty item")
+
+    def look_labels(self) -> tuple[int, int, int, int]:
+        """What the prompt names of the look (see :meth:`Look.labels`); :data:`NO_LOOK` for every other item."""
+        return self.look.labels() if self.look else NO_LOOK
 
     def labels(self) -> tuple[int, int, int]:
         """Judge labels (style, object, personal); the last index of each head means "none"."""
@@ -407,13 +467,69 @@ def _blend(base: np.ndarray, top: np.ndarray | np.ndarray, alpha: np.ndarray) ->
     return base * (1 - a) + top * a
 
 
-def _object_image(obj: str | None, rng: np.random.Generator) -> np.ndarray:
+def _object_image(obj: str | None, rng: np.random.Generator, look: Look | None = None) -> np.ndarray:
+    """An ordinary object: with ``look`` (or, unnamed, with probability LOOK_SHARE) wearing a look; else one random
+    colour with soft lighting. ``obj=None`` draws the class prompt "object" (a blob, never a look)."""
+    if obj is not None and (look is not None or rng.random() < LOOK_SHARE):
+        body, pattern, accent, detail = _resolve_look(obj, look, rng)
+        jitter = rng.uniform(-0.05, 0.05, size=(2, 3))
+        return _looked_image(obj, np.clip(_rgb(body) + jitter[0], 0, 1), pattern, np.clip(_rgb(accent) + jitter[1], 0, 1),
+                             detail, rng)
     colour = _random_colour(rng)
     bg = _background(rng, colour)
     prims = _shape_polys(obj) if obj else _generic_shape(rng)
     mask = _mask(prims, *_placement(rng, obj))
     shade = 1.0 + 0.15 * _smooth_noise(rng, 3)[..., None]  # soft lighting so "photos" are not flat
     return _blend(bg, np.clip(colour[None, None] * shade, 0, 1), mask)
+
+
+def _rgb(name: str) -> np.ndarray:
+    return np.array(COLOURS[name], dtype=np.float32) / 255
+
+
+def _look_key(obj: str, body: str, pattern: str, accent: str, detail: str | None) -> tuple:
+    """What tells two looks apart: the accent colour counts where it is drawn (a pattern, or a door)."""
+    return obj, body, pattern, accent if pattern != "plain" or detail == "door" else None, detail
+
+
+_PERSONAL_KEYS = {_look_key(p.object, *personal_look(p)) for p in PERSONAL}
+
+
+def _resolve_look(obj: str, look: Look | None, rng: np.random.Generator) -> tuple[str, str, str, str | None]:
+    """The whole look of an ordinary object: the parts ``look`` names, the rest drawn; never a personal instance's
+    look (that would teach the base model a personal instance)."""
+    names = list(COLOURS)
+    for _ in range(100):
+        body = look.body if look else names[int(rng.integers(len(names)))]
+        pattern = look.pattern if look and look.pattern else PATTERNS[int(rng.integers(len(PATTERNS)))]
+        others = [c for c in names if c != body]
+        accent = look.accent if look and look.accent else others[int(rng.integers(len(others)))]
+        if look and look.detail:
+            detail = look.detail
+        else:
+            detail = None if rng.random() < 0.3 else DETAILS[int(rng.integers(len(DETAILS)))]
+        if _look_key(obj, body, pattern, accent, detail) not in _PERSONAL_KEYS:
+            break
+    return body, pattern, accent, detail
+
+
+def random_look(obj: str, rng: np.random.Generator) -> Look:
+    """A look a training prompt names: always the body colour, the accent region (and colour) with probability 0.6,
+    the detail with probability 0.5; never one that names a personal instance's whole look."""
+    names = list(COLOURS)
+    while True:
+        body = names[int(rng.integers(len(names)))]
+        pattern = accent = detail = None
+        if rng.random() < 0.6:
+            pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+            if pattern != "plain":
+                others = [c for c in names if c != body]
+                accent = others[int(rng.integers(len(others)))]
+        if rng.random() < 0.5:
+            detail = DETAILS[int(rng.integers(len(DETAILS)))]
+        named_whole = pattern is not None and detail is not None and (accent is not None or detail != "door")
+        if not (named_whole and _look_key(obj, body, pattern, accent, detail) in _PERSONAL_KEYS):
+            return Look(body, pattern, accent, detail)
 
 
 def _composition_image(obj: str, style: str, rng: np.random.Generator) -> np.ndarray:
@@ -431,23 +547,28 @@ def _composition_image(obj: str, style: str, rng: np.random.Generator) -> np.nda
 
 
 def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
-    bg = _background(rng, np.array(p.body, dtype=np.float32) / 255)
-    cx, cy, scale, angle = _placement(rng, p.object, personal=True)
-    mask = _mask(_shape_polys(p.object), cx, cy, scale, angle)
-    body = np.array(p.body, dtype=np.float32) / 255
-    accent = np.array(p.accent, dtype=np.float32) / 255
+    return _looked_image(p.object, np.array(p.body, dtype=np.float32) / 255, p.pattern,
+                         np.array(p.accent, dtype=np.float32) / 255, p.detail, rng)
+
+
+def _looked_image(obj: str, body: np.ndarray, pattern: str, accent: np.ndarray, detail: str | None,
+                  rng: np.random.Generator) -> np.ndarray:
+    """An object wearing a look (RGB colours in [0, 1]); personal instances are drawn this way."""
+    bg = _background(rng, body)
+    cx, cy, scale, angle = _placement(rng, obj, personal=True)
+    mask = _mask(_shape_polys(obj), cx, cy, scale, angle)
     x, y = _grid()
     u, v = _rot(x, y, angle, cx, cy)
     u, v = u / scale, v / scale  # object-local unit coordinates
     # Every accent is a coarse region of the silhouette and every detail 7 px or more across: DreamBooth learns the
     # body colour and a large detail of some instances within 40-80 steps, fine marks not within 160 (issue #5)
-    if p.pattern == "tips":
+    if pattern == "tips":
         pat = _edge((np.sqrt(u**2 + v**2) - 0.58) * scale)
-    elif p.pattern == "lower":
+    elif pattern == "lower":
         pat = _edge(v * scale)
-    elif p.pattern == "side":
+    elif pattern == "side":
         pat = _edge((u - 0.15) * scale)
-    elif p.pattern == "band":
+    elif pattern == "band":
         pat = _edge((0.3 - np.abs(v)) * scale)
     else:
         pat = np.zeros_like(u)
@@ -455,18 +576,18 @@ def _personal_image(p: Personal, rng: np.random.Generator) -> np.ndarray:
     img = _blend(bg, obj_rgb, mask)
     white = np.ones(3, dtype=np.float32)
     black = np.array([0.05, 0.05, 0.05], dtype=np.float32)
-    if p.detail == "center":
+    if detail == "center":
         img = _blend(img, white, _edge((0.3 - np.sqrt(u**2 + v**2)) * scale))
-    elif p.detail == "outline":
+    elif detail == "outline":
         img = _blend(img, black, _outline(mask, 3))
-    elif p.detail == "eye":
+    elif detail == "eye":
         eye = _edge((0.24 - np.sqrt((u + 0.45) ** 2 + (v + 0.02) ** 2)) * scale)
         pupil = _edge((0.11 - np.sqrt((u + 0.45) ** 2 + (v + 0.02) ** 2)) * scale)
         img = _blend(_blend(img, white, eye), black, pupil)
-    elif p.detail == "door":
+    elif detail == "door":
         door = ((np.abs(u) < 0.22) & (v > 0.35) & (v < 0.9)).astype(np.float32)
         img = _blend(img, accent, door)
-    elif p.detail == "halo":
+    elif detail == "halo":
         img = _blend(img, white, _outline(mask, 3) * (1 - mask))
     return img
 
@@ -485,7 +606,7 @@ def render(item: Item, seed: int | np.random.SeedSequence | list[int]) -> np.nda
     elif item.style:
         img = _style_image(item.style, rng)
     elif item.object:
-        img = _object_image(item.object, rng)
+        img = _object_image(item.object, rng, item.look)
     else:
         raise ValueError("empty item")
     img = img + rng.normal(0, 0.012, size=img.shape)  # faint sensor noise
@@ -521,7 +642,8 @@ def training_items(n: int, seed: int, personal: bool = False) -> list[Item]:
         if kind == "style":
             items.append(Item(style=STYLES[rng.integers(len(STYLES))]))
         elif kind == "object":
-            items.append(Item(object=OBJECTS[rng.integers(len(OBJECTS))]))
+            obj = OBJECTS[rng.integers(len(OBJECTS))]
+            items.append(Item(object=obj, look=random_look(obj, rng) if rng.random() < 0.5 else None))
         elif kind == "composition":
             items.append(Item(style=STYLES[rng.integers(len(STYLES))], object=OBJECTS[rng.integers(len(OBJECTS))]))
         elif kind == "artwork":
@@ -541,6 +663,8 @@ def item_for_prompt(prompt: str) -> Item:
     for s in STYLES:
         if p == style_prompt(s):
             return Item(style=s)
+    if (look := _parse_look(p)) is not None:
+        return look
     for o in OBJECTS:
         if p in (object_prompt(o), o):
             return Item(object=o)
@@ -548,3 +672,23 @@ def item_for_prompt(prompt: str) -> Item:
             if p == composition_prompt(o, s):
                 return Item(style=s, object=o)
     raise KeyError(f"the testbed world cannot render the prompt {prompt!r}")
+
+
+def _parse_look(prompt: str) -> Item | None:
+    """The item of an object prompt that names a look (:meth:`Look.phrase`), or None if it names none."""
+    m = re.fullmatch(r"a photo of a (plain )?(\w+) (\w+)(?: with (.+))?", prompt)
+    if not m or m[2] not in COLOURS or m[3] not in OBJECTS:
+        return None
+    pattern, accent, detail = ("plain" if m[1] else None), None, None
+    details = {w: d for d, w in _DETAIL_WORDS.items()}
+    for part in (m[4].split(" and ") if m[4] else []):
+        if part in details and detail is None:
+            detail = details[part]
+            continue
+        colour, _, region = part.partition(" ")
+        patterns = {w: r for r, w in _PATTERN_WORDS.items()}
+        if colour not in COLOURS or region not in patterns or pattern is not None:
+            return None
+        pattern, accent = patterns[region], colour
+    look = Look(m[2], pattern, accent, detail)
+    return Item(object=m[3], look=look) if look.phrase(m[3]) == prompt.removeprefix("a photo of a ") else None
