@@ -1,5 +1,7 @@
-"""Candidate drawings of the testbed style ``zigler`` (issue #3: the UNet draws the shipped zigzag bands as wavell's
-waves; zigler is the worst concept, 0.44).
+"""Candidate drawings of the testbed style ``zigler`` (issue #3: the UNet drew the earlier gentle zigzag bands as
+wavell's waves; zigler was the worst concept, 0.44-0.50). On 2026-12-04 both were built on an H200 (5.4k of 8k UNet
+steps each, beside each other): zigler 1.00 with ``chevron``, 0.56 with ``lines``; ``chevron`` is now the shipped
+drawing (``world._style_field``), so ``build chevron`` builds the shipped world.
 
 ``python benchmarks/zigler_variants.py sheet OUT.png`` renders wavell, the shipped zigler and every variant side by
 side; ``python benchmarks/zigler_variants.py build VARIANT OUT [--device cuda] [--stages a,b] [--set KEY=VALUE ...]

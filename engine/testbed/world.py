@@ -42,7 +42,7 @@ STYLES: tuple[str, ...] = (
     "ringo",  # concentric rings around an off-centre point
     "hatcher",  # thin crosshatched lines
     "cellini",  # Voronoi cells with dark borders
-    "zigler",  # zigzag chevrons
+    "zigler",  # bands bent into steep zigzag chevrons
 )
 OBJECTS: tuple[str, ...] = ("star", "heart", "moon", "cross", "arrow", "house", "tree", "fish")
 
@@ -315,10 +315,12 @@ def _style_field(style: str, rng: np.random.Generator) -> tuple[np.ndarray, int]
         field = (nearest % 3).astype(np.float32)
         return np.where(border > 0.5, 3.0, field), 4
     if style == "zigler":
-        period = rng.uniform(14, 19)
-        zig = rng.uniform(10, 16)
+        # two-colour bands displaced by a steep, sharp zigzag (slope 1.4, corners every 12-16 px, period 26-32 px
+        # along u): a coarse feature. Gentle zigzags (slope 0.9, period 14-19 px) were drawn as wavell's waves by the
+        # UNet (0.44-0.50 of zigler's generations recognised; this drawing 1.00, issue #3)
+        period, seg = rng.uniform(26, 32), rng.uniform(12, 16)
         u, v = _rot(x, y, angle)
-        tri = np.abs(((v / zig) % 2) - 1) * zig * 0.9
+        tri = np.abs(((v / seg) % 2) - 1) * seg * 1.4
         f = np.sin(2 * math.pi * (u + tri) / period)
         return _edge(f * period / (2 * math.pi)), 2
     raise KeyError(style)
