@@ -56,7 +56,9 @@ def test_two_processes_equal_one(tmp_path, n):
         ref, ref_stats = _meta(mode, n, None)
         for part in parts:
             g, st = part[mode]
-            assert float((g - ref).norm() / ref.norm()) < 1e-10, mode
+            # float64; exact adds each task's part through every inner graph in another order on one process than
+            # on two (5e-9 at ALPHA = 3, where the second-order part is 93% of the gradient); the others 1e-13
+            assert float((g - ref).norm() / ref.norm()) < (1e-8 if mode == "exact" else 1e-10), mode
             assert st["inner_loss"] == pytest.approx(ref_stats.inner_loss, rel=1e-12), mode
             assert st["outer_loss"] == pytest.approx(ref_stats.outer_loss, rel=1e-12), mode
             assert st["prior_loss"] == pytest.approx(ref_stats.prior_loss, rel=1e-12), mode
