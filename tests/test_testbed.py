@@ -182,24 +182,27 @@ def test_tiny_build_on_cuda_exports_a_cpu_pipeline(tmp_path):
     assert pipe.unet.device.type == "cpu"
 
 
-def test_unet_stage_resume_equals_uninterrupted(tmp_path):
-    """Stopping after step 1 and resuming gives the same weights as 2 uninterrupted steps."""
+@pytest.mark.parametrize("stage", ["text", "unet"])
+def test_stage_resume_equals_uninterrupted(tmp_path, stage):
+    """Stopping a stage after step 1 and resuming gives the same weights as 2 uninterrupted steps."""
     import dataclasses
     import shutil
 
     from engine.testbed import train
 
-    cfg = dataclasses.replace(TINY, unet_steps=2)
+    steps = f"{stage}_steps"
+    cfg = dataclasses.replace(TINY, **{steps: 2})
+    run = {"text": train.stage_text, "unet": lambda *a: train.stage_unet(*a, eval_every=0)}[stage]
     a, b = tmp_path / "a", tmp_path / "b"
-    train.build_testbed(a, cfg, stages=("data", "vae", "latents", "text"))
+    train.build_testbed(a, cfg, stages=("data", "vae", "latents") + (("text",) if stage == "unet" else ()))
     shutil.copytree(a, b)
-    train.stage_unet(a, cfg, 0, train._noop, eval_every=0)
-    train.stage_unet(b, dataclasses.replace(cfg, unet_steps=1), 0, train._noop, eval_every=0)
-    train.stage_unet(b, cfg, 0, train._noop, eval_every=0)
-    ka, kb = train._load(a / "unet.ckpt"), train._load(b / "unet.ckpt")
+    run(a, cfg, 0, train._noop)
+    run(b, dataclasses.replace(cfg, **{steps: 1}), 0, train._noop)
+    run(b, cfg, 0, train._noop)
+    ka, kb = train._load(a / f"{stage}.ckpt"), train._load(b / f"{stage}.ckpt")
     assert ka["step"] == kb["step"] == 2
-    for k in ka["unet"]:
-        torch.testing.assert_close(ka["unet"][k], kb["unet"][k], rtol=0, atol=0)
+    for k in ka[stage]:
+        torch.testing.assert_close(ka[stage][k], kb[stage][k], rtol=0, atol=0)
 
 
 def test_text_stage_spreads_each_prompt_over_its_eos_and_padding(tmp_path):

@@ -202,15 +202,24 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     sizes = [len(world.STYLES) + 1, len(world.OBJECTS) + 1, *(n + 1 for n in world.NO_LOOK)]
     probe = torch.nn.Linear(cfg.text_width, sum(sizes)).to(device)
     opt = torch.optim.AdamW([*text.parameters(), *probe.parameters()], lr=cfg.text_lr)
+    ckpt_path, start = out / "text.ckpt", 0
+    if (ck := _load(ckpt_path)) is not None:
+        text.load_state_dict(ck["text"])
+        probe.load_state_dict(ck["probe"])
+        opt.load_state_dict(ck["opt"])
+        start = int(ck["step"])
+    clock = _Clock(cfg.checkpoint_minutes)
     text.train()
-    for step in range(cfg.text_steps):
+    for step in range(start, cfg.text_steps):
         logits = probe(text(ids)[0][tail]).split(sizes, dim=1)
         loss = sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         progress("text", step + 1, cfg.text_steps, {"loss": float(loss.detach())})
-    _atomic_save({"text": text.cpu().state_dict()}, out / "text.ckpt")
+        if clock.due() or step + 1 == cfg.text_steps:
+            state = {"text": text.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": step + 1}
+            _atomic_save(state, ckpt_path)
 
 
 class _EMA:
