@@ -183,8 +183,8 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     this stage makes (measured: the spread of the 8 object prompts' padding outputs fell from 0.71 to 0.05 in 1000
     joint steps). SD's pretrained CLIP spreads the prompt over every position and stays frozen; this stage gives the
     tiny encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
-    object"), and the UNet stage keeps it frozen. Full batch, deterministic, under a minute; the probe is thrown
-    away."""
+    object"), and the UNet stage keeps it frozen. Full batch, deterministic, resumable; the probe is thrown
+    away. It costs 11 s on an H200 and 28.6 min on 2 CPU cores (seed-0 v4 build: 3591 distinct prompts)."""
     data = _data(out, "prompts", "labels", "looks")
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     ids, inverse = _prompt_table(data["prompts"], tokenizer)
