@@ -57,6 +57,27 @@ class _Clock:
         return False
 
 
+class _StageState:
+    """A stage's resumable state: the ``state_dict`` of each named part (modules, optimizer, EMA) and the steps done,
+    loaded from ``path`` if it exists (``start``) and saved atomically every ``minutes`` and after the last step."""
+
+    def __init__(self, path: Path, minutes: float, **parts):
+        self.path, self.parts, self.start = path, parts, 0
+        if (ck := _load(path)) is not None:
+            for name, part in parts.items():
+                part.load_state_dict(ck[name])
+            self.start = int(ck["step"])
+        self.clock = _Clock(minutes)
+
+    def save(self, steps_done: int) -> None:
+        _atomic_save({**{name: part.state_dict() for name, part in self.parts.items()}, "step": steps_done}, self.path)
+
+    def stepped(self, step: int, total: int) -> None:
+        """After step ``step`` (from 0) of ``total``: save if a checkpoint is due or the stage is done."""
+        if self.clock.due() or step + 1 == total:
+            self.save(step + 1)
+
+
 def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -94,14 +115,9 @@ def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, devi
     torch.manual_seed(seed)
     vae = make_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt_path, start = out / "vae.ckpt", 0
-    if (ck := _load(ckpt_path)) is not None:
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start = int(ck["step"])
-    clock = _Clock(cfg.checkpoint_minutes)
+    state = _StageState(out / "vae.ckpt", cfg.checkpoint_minutes, model=vae, opt=opt)
     vae.train()
-    for step in range(start, cfg.vae_steps):
+    for step in range(state.start, cfg.vae_steps):
         g = seeded_generator(seed, "vae", step)
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
         x = images_to_tensor(images[idx.numpy()]).to(device)
@@ -118,8 +134,7 @@ def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, devi
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         progress("vae", step + 1, cfg.vae_steps, {"loss": float(rec_loss.detach())})
-        if clock.due() or step + 1 == cfg.vae_steps:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt_path)
+        state.stepped(step, cfg.vae_steps)
 
 
 def _trained_vae(out: Path, cfg: TestbedConfig):
@@ -202,24 +217,16 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     sizes = [len(world.STYLES) + 1, len(world.OBJECTS) + 1, *(n + 1 for n in world.NO_LOOK)]
     probe = torch.nn.Linear(cfg.text_width, sum(sizes)).to(device)
     opt = torch.optim.AdamW([*text.parameters(), *probe.parameters()], lr=cfg.text_lr)
-    ckpt_path, start = out / "text.ckpt", 0
-    if (ck := _load(ckpt_path)) is not None:
-        text.load_state_dict(ck["text"])
-        probe.load_state_dict(ck["probe"])
-        opt.load_state_dict(ck["opt"])
-        start = int(ck["step"])
-    clock = _Clock(cfg.checkpoint_minutes)
+    state = _StageState(out / "text.ckpt", cfg.checkpoint_minutes, text=text, probe=probe, opt=opt)
     text.train()
-    for step in range(start, cfg.text_steps):
+    for step in range(state.start, cfg.text_steps):
         logits = probe(text(ids)[0][tail]).split(sizes, dim=1)
         loss = sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         progress("text", step + 1, cfg.text_steps, {"loss": float(loss.detach())})
-        if clock.due() or step + 1 == cfg.text_steps:
-            state = {"text": text.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": step + 1}
-            _atomic_save(state, ckpt_path)
+        state.stepped(step, cfg.text_steps)
 
 
 class _EMA:
@@ -232,6 +239,14 @@ class _EMA:
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.shadow
+
+    @torch.no_grad()
+    def load_state_dict(self, shadow: list[torch.Tensor]) -> None:
+        for s, v in zip(self.shadow, shadow):
+            s.copy_(v)
 
 
 def _snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -278,20 +293,9 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = _EMA(params, cfg.ema_decay)
     sched = DDPMScheduler(**NOISE_SCHEDULE)
-    ckpt_path, start = out / "unet.ckpt", 0
-    if (ck := _load(ckpt_path)) is not None:
-        unet.load_state_dict(ck["unet"])
-        opt.load_state_dict(ck["opt"])
-        for s, v in zip(ema.shadow, ck["ema"]):
-            s.copy_(v)
-        start = int(ck["step"])
-    clock = _Clock(cfg.checkpoint_minutes)
+    state = _StageState(out / "unet.ckpt", cfg.checkpoint_minutes, unet=unet, opt=opt, ema=ema)
     unet.train()
-
-    def save(step: int) -> None:
-        _atomic_save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "step": step}, ckpt_path)
-
-    for step in range(start, cfg.unet_steps):
+    for step in range(state.start, cfg.unet_steps):
         g = seeded_generator(seed, "unet", step)
         idx = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g).to(device)
         x0 = latents[idx].float() * scale
@@ -314,11 +318,10 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
         ema.update(step)
         info = {"loss": float(loss.detach())}
         if eval_every and (step + 1) % eval_every == 0 and (out / "judge.safetensors").exists():
-            save(step + 1)
+            state.save(step + 1)
             info.update(_quick_eval(out, cfg, seed))
         progress("unet", step + 1, cfg.unet_steps, info)
-        if clock.due() or step + 1 == cfg.unet_steps:
-            save(step + 1)
+        state.stepped(step, cfg.unet_steps)
 
 
 def export_pipeline(out: Path, cfg: TestbedConfig, folder: Path, dtype=torch.float16):
