@@ -69,7 +69,7 @@ def immunize_cmd(
     Example: mima immunize --profile testbed --method mima
     """
     from engine.immunize import get_method
-    from engine.immunize.distributed import is_main_process
+    from engine.immunize.distributed import end_launch, is_main_process
     from engine.immunize.runner import ImmunizationError, immunize
     from engine.runs import RunNotFound
     from mima_cli.attack import quiet_model_loading
@@ -89,7 +89,12 @@ def immunize_cmd(
                                profile_name=profile,
                                parent=parent, device=device, resume=resume, progress=bars)
     except (ImmunizationError, RunNotFound) as e:
+        end_launch(sync=False)
         fail(e, 1)
+    except BaseException:
+        end_launch(sync=False)
+        raise
+    end_launch()
     if main:
         console.print(f"immunized model: {run_dir / 'model'}  (run {run_dir.name})")
 

@@ -108,6 +108,19 @@ def process_device(device: torch.device) -> torch.device:
     return device
 
 
+def end_launch(sync: bool = True) -> None:
+    """Leave the process group of a multi-process launch (a no-op in a single process). Call once, as the process
+    ends: a gloo group left to the interpreter's exit can abort a process that finished its work (SIGABRT,
+    "terminate called without an active exception") and so fail the whole launch. ``sync``: first wait for the
+    other processes (not on an error path, where they may never arrive)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()  # no process tears down while another still talks to it
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """False in the processes other than the first of a multi-process launch (they print nothing)."""
     return int(os.environ.get("RANK", "0") or 0) == 0
