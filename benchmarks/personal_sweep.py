@@ -9,6 +9,7 @@ a GPU they share it) and are written as they finish, so a run cut short still le
 
     python benchmarks/personal_sweep.py --out sweep.jsonl --device cuda --workers 12
     python benchmarks/personal_sweep.py --out sweep.jsonl --smoke        # 2 tiny runs on the CPU
+    python benchmarks/personal_sweep.py --out sweep.jsonl --pipeline BUILD/pipeline   # a candidate build
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def grid(smoke: bool, methods=tuple(LRS), lrs: tuple[float, ...] = (), batches=(
     return cfgs
 
 
-def run_one(cfg: dict, concept: str, device: str, eval_steps: tuple[int, ...] = EVAL_STEPS) -> dict:
+def run_one(cfg: dict, concept: str, device: str, eval_steps: tuple[int, ...] = EVAL_STEPS,
+            pipeline: str | None = None) -> dict:
     from engine.attacks import job_for_concept
     from engine.attacks.common import default_settings
     from engine.data import load_image_set
@@ -57,7 +59,7 @@ def run_one(cfg: dict, concept: str, device: str, eval_steps: tuple[int, ...] = 
     settings = default_settings(cfg["method"], testbed=True, steps=steps, lr=cfg["lr"], batch=cfg["batch"],
                                 prior_preservation=cfg["prior"], eval_every=0, eval_images=p.attack.eval_images,
                                 eval_prompt=p.attack.eval_prompt, token=p.attack.token)
-    pipe = load_pipeline(device=device)
+    pipe = load_pipeline(pipeline, device=device)
     judge = load_judge().to(device)
     images = load_image_set(c.images.attack, prompt=c.prompt, size=64, concept=c.name)
     cls = load_image_set(p.regularization.images_for(c.class_prompt), prompt=c.class_prompt, size=64) \
@@ -89,14 +91,15 @@ def _run_with_steps(job, eval_steps, on_eval):
         AttackSettings.eval_steps = original
 
 
-def worker(rank: int, workers: int, eval_steps: tuple[int, ...], tasks: list, out: str, device: str, lock) -> None:
+def worker(rank: int, workers: int, eval_steps: tuple[int, ...], tasks: list, out: str, device: str, lock,
+           pipeline: str | None = None) -> None:
     """Run every ``workers``-th task from ``rank`` on (one torch thread) and append its line to ``out``."""
     import torch
 
     torch.set_num_threads(1)
     for cfg, concept in tasks[rank::workers]:
         try:
-            line = run_one(cfg, concept, device, eval_steps)
+            line = run_one(cfg, concept, device, eval_steps, pipeline)
         except Exception as e:  # a failed setting is a result too
             line = dict(cfg, concept=concept, error=f"{type(e).__name__}: {e}")
         with lock:
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--priors", default="0,1", help="prior preservation off (0) and/or on (1)")
     ap.add_argument("--eval-steps", default=",".join(map(str, EVAL_STEPS)))
+    ap.add_argument("--pipeline", default=None, help="testbed pipeline folder to attack (default: the shipped one)")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     eval_steps = tuple(int(x) for x in a.eval_steps.split(","))
@@ -127,11 +131,11 @@ def main(argv=None) -> int:
                 max(eval_steps))
     tasks = [(cfg, c) for cfg in cfgs for c in concepts]
     if a.workers == 1:
-        worker(0, 1, eval_steps, tasks, a.out, a.device, mp.Lock())
+        worker(0, 1, eval_steps, tasks, a.out, a.device, mp.Lock(), a.pipeline)
         return 0
     ctx = mp.get_context("spawn")
     lock = ctx.Lock()
-    procs = [ctx.Process(target=worker, args=(r, a.workers, eval_steps, tasks, a.out, a.device, lock), daemon=True)
+    procs = [ctx.Process(target=worker, args=(r, a.workers, eval_steps, tasks, a.out, a.device, lock, a.pipeline), daemon=True)
              for r in range(a.workers)]
     for pr in procs:
         pr.start()
