@@ -10,6 +10,7 @@ a GPU they share it) and are written as they finish, so a run cut short still le
     python benchmarks/personal_sweep.py --out sweep.jsonl --device cuda --workers 12
     python benchmarks/personal_sweep.py --out sweep.jsonl --smoke        # 2 tiny runs on the CPU
     python benchmarks/personal_sweep.py --out sweep.jsonl --pipeline BUILD/pipeline   # a candidate build
+    python benchmarks/personal_sweep.py --out words.jsonl --words    # the base asked for each whole look in words
 """
 
 from __future__ import annotations
@@ -78,6 +79,31 @@ def run_one(cfg: dict, concept: str, device: str, eval_steps: tuple[int, ...] = 
                 seconds=time.perf_counter() - t0, device=device)
 
 
+def words(out: str, pipeline: str | None, device: str, n: int = 16) -> None:
+    """The base model asked for each instance's whole look in words ("a photo of a red star with yellow tips and a
+    white centre"; the world never draws it): judge accuracy on the instance and on its object, ``n`` generations
+    from the evaluation seeds, one JSON line per instance. What Textual Inversion and Custom Diffusion can at best
+    find, since they only steer what the base draws."""
+    from engine.attacks.common import EVAL_SEED
+    from engine.profile import load_profile
+    from engine.sampling import generate
+    from engine.testbed import judge as judge_mod
+    from engine.testbed import load_judge, load_pipeline, world
+
+    p = load_profile(PROFILE)
+    pipe = load_pipeline(pipeline, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    judge = load_judge().to(device)
+    for inst in world.PERSONAL:
+        prompt = world.object_prompt(inst.object, world.Look(*world.personal_look(inst)))
+        images = generate(pipe, prompt, range(EVAL_SEED, EVAL_SEED + n), p.model.sample_steps, p.model.guidance)
+        line = dict(concept=inst.name, prompt=prompt, acc=judge_mod.accuracy(judge, images, inst.name),
+                    obj=judge_mod.accuracy(judge, images, inst.object), n=n, pipeline=pipeline or "shipped")
+        with open(out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+
+
 def _run_with_steps(job, eval_steps, on_eval):
     """``run_attack`` evaluating at ``eval_steps`` (AttackSettings only knows "every N")."""
     from engine.attacks import run_attack
@@ -122,8 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--priors", default="0,1", help="prior preservation off (0) and/or on (1)")
     ap.add_argument("--eval-steps", default=",".join(map(str, EVAL_STEPS)))
     ap.add_argument("--pipeline", default=None, help="testbed pipeline folder to attack (default: the shipped one)")
+    ap.add_argument("--words", action="store_true", help="only ask the base for each whole look in words (see words())")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
+    if a.words:
+        words(a.out, a.pipeline, a.device, n=2 if a.smoke else 16)
+        return 0
     eval_steps = tuple(int(x) for x in a.eval_steps.split(","))
     concepts = a.concepts.split(",")[:1] if a.smoke else a.concepts.split(",")
     cfgs = grid(a.smoke, a.methods.split(","), tuple(float(x) for x in a.lrs.split(",") if x),
