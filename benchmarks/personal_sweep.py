@@ -95,7 +95,7 @@ def words(out: str, pipeline: str | None, device: str, n: int = 16) -> None:
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge().to(device)
     for inst in world.PERSONAL:
-        prompt = world.object_prompt(inst.object, world.Look(*world.personal_look(inst)))
+        prompt = world.object_prompt(inst.object, world.whole_look(inst))
         images = generate(pipe, prompt, range(EVAL_SEED, EVAL_SEED + n), p.model.sample_steps, p.model.guidance)
         line = dict(concept=inst.name, prompt=prompt, acc=judge_mod.accuracy(judge, images, inst.name),
                     obj=judge_mod.accuracy(judge, images, inst.object), n=n, pipeline=pipeline or "shipped")

@@ -72,6 +72,38 @@ def test_ordinary_objects_never_wear_a_personal_look():
         assert key not in named, p.name
 
 
+def test_whole_look_share_adds_named_personal_looks_and_keeps_the_rest_of_the_mix():
+    """``whole_look_share`` replaces that share of the items by ordinary objects wearing a personal instance's whole
+    look, named in words (object label, no personal label, never the token); every other item is the one the share-0
+    mix draws, so builds without it (v4) keep their data."""
+    plain = world.training_items(600, seed=2)
+    mixed = world.training_items(600, seed=2, whole_look_share=0.05)
+    changed = [i for i, (a, b) in enumerate(zip(plain, mixed)) if a != b]
+    assert len(mixed) == 600 and 25 <= len(changed) <= 30  # 30 replaced (one that drew the same look is unchanged)
+    wholes = {world.whole_look(p): p for p in world.PERSONAL}
+    for i in changed:
+        it, p = mixed[i], wholes[mixed[i].look]
+        assert it.object == p.object and it.personal is None and it.labels()[2] == len(world.PERSONAL)
+        # (purplehouse's prompt does not name its door's colour: the words name what they can)
+        assert world.item_for_prompt(it.prompt()).prompt() == it.prompt() and "sks" not in it.prompt()
+        drawn = world._resolve_look(it.object, it.look, np.random.default_rng(i))
+        assert world._look_key(it.object, *drawn) == world._look_key(p.object, *world.personal_look(p))
+    assert {mixed[i].look for i in changed} == set(wholes)
+    assert world.training_items(600, seed=2, whole_look_share=0.05) == mixed  # seeded
+    assert not any(it.look in wholes for it in plain)
+
+
+def test_build_setting_whole_look_share_reaches_the_data(tmp_path):
+    """`mima testbed build --set whole_look_share=0.1` trains on prompts that name the instances' whole looks."""
+    from engine.testbed.train import stage_data
+
+    cfg = TINY.with_overrides(["whole_look_share=0.1"])
+    stage_data(tmp_path, cfg, 0, lambda *a: None)
+    prompts = set(np.load(tmp_path / "data.npz")["prompts"].tolist())
+    named = {world.object_prompt(p.object, world.whole_look(p)) for p in world.PERSONAL}
+    assert named & prompts and TINY.whole_look_share == 0.0
+
+
 def test_style_is_not_palette():
     """Colour statistics of different styles overlap: the palette distribution is shared."""
     means = {s: world.concept_images(s, 40, 1).reshape(40, -1, 3).mean(1).mean(0) for s in world.STYLES}

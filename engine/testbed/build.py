@@ -51,6 +51,9 @@ class TestbedConfig:
     unet_warmup: int = 200
     # sampling weights of (style, object, composition, class-prompt) training images for the UNet
     unet_mix: tuple[float, ...] = (0.4, 0.4, 0.12, 0.08)
+    # share of the training images that are ordinary objects wearing a personal instance's whole look, named in words
+    # (never its token); 0 in v4, whose UNet then cannot draw those looks, so attention-only attacks cannot find them
+    whole_look_share: float = 0.0
     ema_decay: float = 0.995
     prompt_dropout: float = 0.1
     text_init_std: float = 0.5

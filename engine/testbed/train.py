@@ -89,7 +89,7 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
 
 
 def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
-    items = world.training_items(cfg.n_images, seed)
+    items = world.training_items(cfg.n_images, seed, whole_look_share=cfg.whole_look_share)
     images = np.zeros((len(items), cfg.image_size, cfg.image_size, 3), np.uint8)
     chunk = 1000
     for i in range(0, len(items), chunk):

@@ -499,7 +499,8 @@ _PERSONAL_KEYS = {_look_key(p.object, *personal_look(p)) for p in PERSONAL}
 
 def _resolve_look(obj: str, look: Look | None, rng: np.random.Generator) -> tuple[str, str, str, str | None]:
     """The whole look of an ordinary object: the parts ``look`` names, the rest drawn; never a personal instance's
-    look (that would teach the base model a personal instance)."""
+    look (that would teach the base model a personal instance) unless ``look`` names all of it (see
+    ``training_items(whole_look_share=...)``)."""
     names = list(COLOURS)
     for _ in range(100):
         body = look.body if look else names[int(rng.integers(len(names)))]
@@ -632,8 +633,17 @@ def concept_images(concept: str, count: int, seed: int) -> np.ndarray:
     return render_many([item_for(concept)] * count, seed)
 
 
-def training_items(n: int, seed: int, personal: bool = False) -> list[Item]:
-    """A seeded mix of styles, objects, compositions and class-prompt items (and personal ones if asked)."""
+def whole_look(p: Personal) -> Look:
+    """A personal instance's whole look as a prompt names it ("red star with yellow tips and a white centre")."""
+    return Look(*personal_look(p))
+
+
+def training_items(n: int, seed: int, personal: bool = False, whole_look_share: float = 0.0) -> list[Item]:
+    """A seeded mix of styles, objects, compositions and class-prompt items (and personal ones if asked).
+
+    ``whole_look_share``: the share of items that are ordinary objects wearing a personal instance's whole look, named
+    in words (never its token) -- as Stable Diffusion can draw something like a user's subject from a description.
+    They come after the others (0, the default, leaves the mix exactly as before)."""
     rng = np.random.default_rng(seed)
     items: list[Item] = []
     kinds = ["style", "object", "composition", "artwork", "generic_object"] + (["personal"] if personal else [])
@@ -654,6 +664,11 @@ def training_items(n: int, seed: int, personal: bool = False) -> list[Item]:
             items.append(Item(generic="object"))
         else:
             items.append(Item(personal=PERSONAL[rng.integers(len(PERSONAL))].name))
+    n_whole = int(round(whole_look_share * n))
+    if n_whole:  # drawn after the others, so they are the share-0 mix's; every instance equally often
+        for j, k in enumerate(rng.choice(n, size=n_whole, replace=False)):
+            p = PERSONAL[j % len(PERSONAL)]
+            items[k] = Item(object=p.object, look=whole_look(p))
     return items
 
 
