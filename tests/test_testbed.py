@@ -183,6 +183,38 @@ def test_tiny_build_trains_exports_and_resumes(tmp_path):
         build_testbed(tmp_path, TINY.__class__(**{**TINY.to_dict(), "unet_steps": 3}))
 
 
+def test_build_continues_from_a_pipeline(tmp_path):
+    """`--set init_from=PIPELINE` takes its VAE, text encoder, scaling and the judge beside it as they are and starts
+    the UNet from its UNet: with unet_lr 0 the continued build's pipeline is the first one; with training it moves
+    from there. A folder of another architecture is a clear error."""
+    from diffusers import StableDiffusionPipeline
+
+    from engine.testbed.train import build_testbed
+
+    first = tmp_path / "a"
+    build_testbed(first, TINY, seed=0)  # a/pipeline, and a/judge.safetensors beside it
+
+    def weights(folder):
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        return {f"{n}.{k}": v for n in ("vae", "text_encoder", "unet") for k, v in getattr(pipe, n).state_dict().items()}, pipe
+
+    ref, ref_pipe = weights(first / "pipeline")
+    same = TINY.with_overrides([f"init_from={first / 'pipeline'}", "unet_lr=0.0", "unet_steps=3"])
+    build_testbed(tmp_path / "b", same, seed=5)
+    got, pipe = weights(tmp_path / "b" / "pipeline")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert pipe.vae.config.scaling_factor == ref_pipe.vae.config.scaling_factor
+    assert (tmp_path / "b" / "judge.safetensors").read_bytes() == (first / "judge.safetensors").read_bytes()
+    moved = TINY.with_overrides([f"init_from={first / 'pipeline'}", "unet_lr=0.01", "unet_steps=3"])
+    build_testbed(tmp_path / "c", moved, seed=5)
+    got, _ = weights(tmp_path / "c" / "pipeline")
+    assert all(torch.equal(got[k], ref[k]) for k in ref if not k.startswith("unet."))
+    assert any(not torch.equal(got[k], ref[k]) for k in ref if k.startswith("unet."))
+    other = TINY.with_overrides([f"init_from={first / 'pipeline'}", "unet_channels=[16, 48]"])
+    with pytest.raises(ValueError, match="init_from: .* not the architecture"):
+        build_testbed(tmp_path / "d", other, seed=5)
+
+
 def test_interrupted_stage_keeps_its_time(tmp_path, monkeypatch):
     """A stage cut short (Ctrl-C, the end of a session) still has its time in timings.json, and a resumed build
     adds to it, so the build time reported for a build spread over several sessions is the whole of it."""

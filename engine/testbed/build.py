@@ -54,6 +54,10 @@ class TestbedConfig:
     # share of the training images that are ordinary objects wearing a personal instance's whole look, named in words
     # (never its token); 0 in v4, whose UNet then cannot draw those looks, so attention-only attacks cannot find them
     whole_look_share: float = 0.0
+    # continue from a testbed pipeline folder (e.g. the shipped one): its VAE and text encoder are taken as they are
+    # (those stages copy them; the latents keep its scaling factor), the judge beside it likewise if there is one, and
+    # the UNet stage starts from its UNet ("" = train every stage from scratch)
+    init_from: str = ""
     ema_decay: float = 0.995
     prompt_dropout: float = 0.1
     text_init_std: float = 0.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,29 @@ def _data(out: Path, *keys: str) -> dict:
         return {k: d[k] for k in keys or d.files}
 
 
+def _init_part(cfg: TestbedConfig, name: str) -> torch.nn.Module:
+    """Component ``name`` (``vae``, ``text_encoder``, ``unet``) of ``cfg.init_from``'s pipeline in float32, checked
+    against the architecture ``cfg`` builds (a clear error instead of a state-dict mismatch)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(cfg.init_from) / name
+    if not folder.is_dir():
+        raise ValueError(f"init_from: {cfg.init_from} has no {name}/ (expected a testbed pipeline folder)")
+    cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}[name]
+    part = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    fresh = {"vae": make_vae, "text_encoder": make_text_encoder, "unet": make_unet}[name](cfg)
+    theirs, ours = part.state_dict(), fresh.state_dict()
+    if {k: v.shape for k, v in theirs.items()} != {k: v.shape for k, v in ours.items()}:
+        raise ValueError(f"init_from: {folder} is not the architecture this configuration builds")
+    fresh.load_state_dict(theirs)
+    return fresh
+
+
 def stage_vae(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
+    if cfg.init_from:
+        _atomic_save({"model": _init_part(cfg, "vae").state_dict(), "step": 0}, out / "vae.ckpt")
+        return
     images = _data(out, "images")["images"]
     torch.manual_seed(seed)
     vae = make_vae(cfg).to(device)
@@ -153,13 +176,22 @@ def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, 
             x = images_to_tensor(images[i : i + chunk]).to(device)
             lat[i : i + chunk] = vae.encode(x).latent_dist.mean.cpu()
             progress("latents", min(i + chunk, len(images)), len(images), {})
-    scale = float(1.0 / lat.std())
+    # a continued build keeps its VAE's scaling, which its UNet was trained with
+    if cfg.init_from:
+        from diffusers import AutoencoderKL
+
+        scale = float(AutoencoderKL.load_config(Path(cfg.init_from) / "vae")["scaling_factor"])
+    else:
+        scale = float(1.0 / lat.std())
     _atomic_save({"latents": lat.half(), "scaling_factor": torch.tensor(scale)}, out / "latents.pt")
 
 
 def stage_judge(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
     from .judge import save_judge, train_judge
 
+    if cfg.init_from and (Path(cfg.init_from).parent / "judge.safetensors").exists():
+        shutil.copyfile(Path(cfg.init_from).parent / "judge.safetensors", out / "judge.safetensors")
+        return
     judge = train_judge(
         steps=cfg.judge_steps, seed=seed, checkpoint_path=out / "judge.ckpt", device=device,
         progress=lambda s, t, info: progress("judge", s, t, info),
@@ -199,7 +231,11 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     joint steps). SD's pretrained CLIP spreads the prompt over every position and stays frozen; this stage gives the
     tiny encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
     object"), and the UNet stage keeps it frozen. Full batch, deterministic, resumable; the probe is thrown
-    away. It costs 11 s on an H200 and 28.6 min on 2 CPU cores (seed-0 v4 build: 3591 distinct prompts)."""
+    away. It costs 11 s on an H200 and 28.6 min on 2 CPU cores (seed-0 v4 build: 3591 distinct prompts).
+    With ``cfg.init_from`` the pipeline's text encoder is taken as it is."""
+    if cfg.init_from:
+        _atomic_save({"text": _init_part(cfg, "text_encoder").state_dict(), "step": 0}, out / "text.ckpt")
+        return
     data = _data(out, "prompts", "labels", "looks")
     tokenizer = make_tokenizer(cfg, out / "tokenizer")
     ids, inverse = _prompt_table(data["prompts"], tokenizer)
@@ -288,7 +324,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     inverse = inverse.to(device)
 
     torch.manual_seed(seed + 1)
-    unet = make_unet(cfg).to(device)
+    unet = (_init_part(cfg, "unet") if cfg.init_from else make_unet(cfg)).to(device)  # a checkpoint overrides it
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = _EMA(params, cfg.ema_decay)
