@@ -69,7 +69,7 @@ def immunize_cmd(
     Example: mima immunize --profile testbed --method mima
     """
     from engine.immunize import get_method
-    from engine.immunize.distributed import end_launch, is_main_process
+    from engine.immunize.distributed import is_main_process, leaving_launch
     from engine.immunize.runner import ImmunizationError, immunize
     from engine.runs import RunNotFound
     from mima_cli.attack import quiet_model_loading
@@ -84,17 +84,12 @@ def immunize_cmd(
             fail(e, 2)
     main = is_main_process()  # under `accelerate launch`, the first process alone shows progress and prints
     try:
-        with stage_bars() if main else nullcontext() as bars:
+        with leaving_launch(), stage_bars() if main else nullcontext() as bars:
             run_dir = immunize(p, runs_dir=runs_dir(ctx), group=_group(p, group) if p else None, method=method,
                                profile_name=profile,
                                parent=parent, device=device, resume=resume, progress=bars)
     except (ImmunizationError, RunNotFound) as e:
-        end_launch(sync=False)
         fail(e, 1)
-    except BaseException:
-        end_launch(sync=False)
-        raise
-    end_launch()
     if main:
         console.print(f"immunized model: {run_dir / 'model'}  (run {run_dir.name})")
 

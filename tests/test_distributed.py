@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -102,18 +103,21 @@ def test_accelerate_two_processes_equals_one(tmp_path, tiny_profile):
     assert float((db - da).norm() / da.norm()) < 1e-3
 
 
-def _end_worker(rank: int, world: int, port: int, sync: bool) -> None:
-    from engine.immunize.distributed import end_launch
+def _end_worker(rank: int, world: int, port: int, raises: bool) -> None:
+    from engine.immunize.distributed import end_launch, leaving_launch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    end_launch(sync=sync)
+    with pytest.raises(KeyError) if raises else contextlib.nullcontext():
+        with leaving_launch():
+            if raises:
+                raise KeyError("the command failed")  # passes through, the group is left without a barrier
     assert not dist.is_initialized()
     end_launch()  # a second call (or a single process) does nothing
 
 
-@pytest.mark.parametrize("sync", [True, False])
-def test_end_launch_leaves_the_process_group(sync):
+@pytest.mark.parametrize("raises", [False, True])
+def test_leaving_launch_leaves_the_process_group(raises):
     """The CLI leaves the gloo group before the interpreter exits (a group left to exit can abort a finished process
-    and fail the launch); on an error path without waiting for processes that may never arrive."""
-    mp.spawn(_end_worker, args=(2, _free_port(), sync), nprocs=2, join=True)
+    and fail the launch); when the command raised, without waiting for processes that may never arrive."""
+    mp.spawn(_end_worker, args=(2, _free_port(), raises), nprocs=2, join=True)

@@ -18,6 +18,7 @@ process 0 alone writes the run. Communication per step: ``N |S^l|`` broadcast an
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,18 @@ def end_launch(sync: bool = True) -> None:
         if sync:
             dist.barrier()  # no process tears down while another still talks to it
         dist.destroy_process_group()
+
+
+@contextmanager
+def leaving_launch():
+    """Leave the launch's process group (:func:`end_launch`) when the block ends: once every process has arrived if
+    it ran through, at once if it raised (the others may never arrive). Wrap the whole of a command in it."""
+    try:
+        yield
+    except BaseException:
+        end_launch(sync=False)
+        raise
+    end_launch()
 
 
 def is_main_process() -> bool:
