@@ -213,6 +213,9 @@ def test_build_continues_from_a_pipeline(tmp_path):
     other = TINY.with_overrides([f"init_from={first / 'pipeline'}", "unet_channels=[16, 48]"])
     with pytest.raises(ValueError, match="init_from: .* not the architecture"):
         build_testbed(tmp_path / "d", other, seed=5)
+    with pytest.raises(ValueError, match="init_from: .* has no vae/"):  # before any stage has run
+        build_testbed(tmp_path / "e", TINY.with_overrides([f"init_from={tmp_path / 'none'}"]), seed=5)
+    assert not (tmp_path / "e" / "data.npz").exists()
 
 
 def test_interrupted_stage_keeps_its_time(tmp_path, monkeypatch):

@@ -111,15 +111,24 @@ def _data(out: Path, *keys: str) -> dict:
         return {k: d[k] for k in keys or d.files}
 
 
-def _init_part(cfg: TestbedConfig, name: str) -> torch.nn.Module:
-    """Component ``name`` (``vae``, ``text_encoder``, ``unet``) of ``cfg.init_from``'s pipeline in float32, checked
-    against the architecture ``cfg`` builds (a clear error instead of a state-dict mismatch)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+_INIT_PARTS = ("vae", "text_encoder", "unet")
 
+
+def _init_folder(cfg: TestbedConfig, name: str) -> Path:
+    """The folder of component ``name`` of ``cfg.init_from``'s pipeline; a clear error if there is none."""
     folder = Path(cfg.init_from) / name
     if not folder.is_dir():
         raise ValueError(f"init_from: {cfg.init_from} has no {name}/ (expected a testbed pipeline folder)")
+    return folder
+
+
+def _init_part(cfg: TestbedConfig, name: str) -> torch.nn.Module:
+    """Component ``name`` (one of :data:`_INIT_PARTS`) of ``cfg.init_from``'s pipeline in float32, checked against
+    the architecture ``cfg`` builds (a clear error instead of a state-dict mismatch)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = _init_folder(cfg, name)
     cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}[name]
     part = cls.from_pretrained(folder, torch_dtype=torch.float32)
     fresh = {"vae": make_vae, "text_encoder": make_text_encoder, "unet": make_unet}[name](cfg)
@@ -414,6 +423,8 @@ def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or _noop
+    for name in _INIT_PARTS if cfg.init_from else ():  # before any stage runs
+        _init_folder(cfg, name)
     cfg_path = out / "config.json"
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True, default=list)
     if cfg_path.exists() and cfg_path.read_text() != cfg_json:
