@@ -52,7 +52,8 @@ class TestbedConfig:
     # sampling weights of (style, object, composition, class-prompt) training images for the UNet
     unet_mix: tuple[float, ...] = (0.4, 0.4, 0.12, 0.08)
     # share of the training images that are ordinary objects wearing a personal instance's whole look, named in words
-    # (never its token); 0 in v4, whose UNet then cannot draw those looks, so attention-only attacks cannot find them
+    # (never its token); 0 in v4, whose UNet then could not draw those looks, so attention-only attacks could not find
+    # them; v5 continued v4's UNet with 0.03, then 0.08 (engine/testbed/weights/pipeline/testbed.json: history)
     whole_look_share: float = 0.0
     # continue from a testbed pipeline folder (e.g. the shipped one): its VAE and text encoder are taken as they are
     # (those stages copy them; the latents keep its scaling factor), the judge beside it likewise if there is one, and
