@@ -189,7 +189,7 @@ def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, 
     if cfg.init_from:
         from diffusers import AutoencoderKL
 
-        scale = float(AutoencoderKL.load_config(Path(cfg.init_from) / "vae")["scaling_factor"])
+        scale = float(AutoencoderKL.load_config(_init_folder(cfg, "vae"))["scaling_factor"])
     else:
         scale = float(1.0 / lat.std())
     _atomic_save({"latents": lat.half(), "scaling_factor": torch.tensor(scale)}, out / "latents.pt")
@@ -198,8 +198,9 @@ def stage_latents(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, 
 def stage_judge(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu") -> None:
     from .judge import save_judge, train_judge
 
-    if cfg.init_from and (Path(cfg.init_from).parent / "judge.safetensors").exists():
-        shutil.copyfile(Path(cfg.init_from).parent / "judge.safetensors", out / "judge.safetensors")
+    given = Path(cfg.init_from).parent / "judge.safetensors" if cfg.init_from else None
+    if given and given.exists():
+        shutil.copyfile(given, out / "judge.safetensors")
         return
     judge = train_judge(
         steps=cfg.judge_steps, seed=seed, checkpoint_path=out / "judge.ckpt", device=device,
