@@ -11,7 +11,8 @@ Metric events (kind ``metric``, ``step`` = the attack step; tags always hold ``m
 ``sim/<metric>/<concept>``
     tags ``concept``, ``role`` (``target`` | ``other``) and ``pair``, which sets were compared:
     similarity metrics: ``r-A`` = M(x^r_n, x^A_n) and ``r-T`` = M(x^r_n, x^T_n) (targets), ``I-A`` = M(x^I_n, x^A_n)
-    (targets and others); ``judge-acc``: ``A`` = acc(x^A_n), ``T`` = acc(x^T_n), ``I-A`` = label agreement.
+    (targets and others); ``judge-acc``: ``A`` = acc(x^A_n), ``T`` = acc(x^T_n) (targets and others: the others'
+    are the learnability of the immunized model), ``I-A`` = label agreement.
 ``msgr/<metric>``
     MSGR over the targets (PAPER.md, Eq. 10-11); ``null`` when undefined, with a ``note`` field saying why.
 ``mrsgr/<metric>``
@@ -128,10 +129,9 @@ def concept_events(backend: Any, concept: str, role: str, step: int, x_a: np.nda
     name = f"sim/{backend.name}/{concept}"
     base = dict(tags, metric=backend.name, concept=concept, role=role, step=step)
     out = []
-    if backend.kind == "accuracy":
-        if role == "target":
-            out.append(MetricEvent(name, backend.accuracy(x_a, concept), step, dict(base, pair="A")))
-            out.append(MetricEvent(name, backend.accuracy(x_t, concept), step, dict(base, pair="T")))
+    if backend.kind == "accuracy":  # for the others too: how well they are learnt, immunized or not
+        out.append(MetricEvent(name, backend.accuracy(x_a, concept), step, dict(base, pair="A")))
+        out.append(MetricEvent(name, backend.accuracy(x_t, concept), step, dict(base, pair="T")))
         out.append(MetricEvent(name, backend.agreement(x_t, x_a, concept), step, dict(base, pair="I-A")))
     else:
         if role == "target":
@@ -460,4 +460,84 @@ def evaluate(runs_dir: str | Path, refs: Sequence[str], *, metrics: Sequence[str
             for note in ev.notes:
                 run.log_status(f"{p.id}: {note}")
         run.progress(total, total)
+    return run.dir
+
+
+# ------------------------------------------------------------------------------------------ utility
+
+
+def evaluate_utility(runs_dir: str | Path, ref: str, *, profile: Any = None, group: str | None = None,
+                     parent: str | None = None, overrides: Sequence[str] = (), device: str | None = None,
+                     backends: Mapping[str, Any] | None = None, progress=None) -> Path:
+    """Measure the utility of a model without attack (:mod:`engine.metrics.utility`) into a new ``evaluate`` run;
+    returns its directory.
+
+    ``ref``: an erase or immunization run (its saved profile, targets, others and parent are used; ``overrides``
+    change the saved profile, e.g. ``utility.images=16``), or a pipeline folder / hub id / ``testbed`` measured with
+    ``profile`` (targets: ``group``'s, none without; parent: ``parent`` or the profile's base). The run: kind
+    ``evaluate``, method ``utility``, ``extra.utility_of`` = ``ref``, ``extra.model_run`` = the run measured (None
+    for a folder); its utility events are tagged ``model_run`` too, and the report prefers them to the run's own.
+    """
+    from engine.metrics.utility import measure_run_utility
+    from engine.models import ModelNotAvailable, load_pipeline, model_hash, pick_device, pick_dtype, resolve_model
+    from engine.profile import load_profile
+    from engine.runs import RunNotFound, RunWriter, find_run, read_status
+
+    runs_dir = Path(runs_dir)
+    run_dir = None
+    try:
+        run_dir = find_run(runs_dir, ref)
+    except RunNotFound:
+        pass
+    if run_dir is not None:
+        st = read_status(run_dir)
+        kind, extra = st.get("kind"), st.get("extra") or {}
+        if kind not in ("erase", "immunize"):
+            raise EvaluationError(f"{run_dir.name} is a {kind!r} run; utility is measured on an erase or immunization "
+                                  f"run, or on a pipeline folder")
+        if st.get("state") != "finished":
+            raise EvaluationError(f"{run_dir.name} did not finish (state {st.get('state')}); it has no model to measure")
+        profile = load_profile(run_dir / "profile.toml", overrides)
+        group = st.get("group")
+        targets = list(st.get("concepts") or [])
+        if kind == "immunize":
+            others = list(extra.get("others") or [])
+            parent_ref = parent or extra.get("parent_model") or profile.model.base
+        else:
+            grp = profile.group(group) if group else None
+            targets = grp.target_names if grp else targets
+            others = grp.other_names if grp else [c for c in profile.concept_names if c not in targets]
+            parent_ref = parent or profile.model.base
+        model_ref, profile_name, model_run = str(run_dir), st.get("profile"), run_dir.name
+    else:
+        if profile is None:
+            raise EvaluationError(f"{ref}: not a run of {runs_dir}; measuring a pipeline folder needs a profile")
+        try:
+            resolve_model(ref)
+        except (ModelNotAvailable, FileNotFoundError) as e:
+            raise EvaluationError(str(e)) from None
+        grp = profile.group(group) if group else None
+        targets = grp.target_names if grp else []
+        others = grp.other_names if grp else profile.concept_names
+        parent_ref, model_ref, profile_name, model_run = parent or profile.model.base, ref, None, None
+    dev = pick_device(device or profile.model.device)
+    dtype = pick_dtype(profile.model.dtype)
+    cache: dict[str, Any] = {}
+
+    def pipe(which: str, where: str):
+        def fn():
+            if which not in cache:
+                cache[which] = load_pipeline(where, dev, dtype)
+            return cache[which]
+        return fn
+
+    model_fn, parent_fn = pipe("model", model_ref), pipe("parent", parent_ref)
+    base_fn = pipe("base", profile.model.base)
+    with RunWriter(runs_dir, "evaluate", method="utility", profile=profile, profile_name=profile_name, group=group,
+                   parent=model_run, concepts=targets + others, phase="utility",
+                   extra={"utility_of": str(ref), "model_run": model_run, "parent_model": str(parent_ref)}) as run:
+        measure_run_utility(run, profile, targets, others, model=(model_fn, model_hash(model_fn())),
+                            parent=(parent_fn, model_hash(parent_fn())), base=(base_fn, None),
+                            cache_dir=runs_dir / ".cache", device=str(dev), backends=backends, progress=progress,
+                            model_run=model_run)
     return run.dir

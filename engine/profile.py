@@ -21,6 +21,7 @@ Sections (all optional except what a command needs):
 ``[immunize]``      the bi-level immunization (MIMA and baselines), ``[immunize.merge]`` the merge layer
 ``[attack]``        the fine-tuning attacks run against a model, ``[attack.by_method.<m>]`` overrides
 ``[eval]``          similarity metrics and the attack steps to report
+``[utility]``       what a model still draws without attack: prompts, images, metrics, the collapse threshold
 
 An image set is one of three tables, told apart by their keys:
 
@@ -85,6 +86,7 @@ __all__ = [
     "AttackOverride",
     "AttackSettings",
     "EvalSection",
+    "UtilitySection",
     "Group",
     "load_profile",
     "parse_profile",
@@ -525,6 +527,37 @@ class EvalSection(_Strict):
     """Attack steps to report; empty = the last step of each attack."""
 
 
+# ------------------------------------------------------------------------------------------ utility
+
+
+class UtilitySection(_Strict):
+    """``[utility]``: what a model still draws without any attack (:mod:`engine.metrics.utility`).
+
+    Every immunization ends by generating ``images`` images of each target prompt, each other concept's prompt and
+    ``captions`` held-out generic captions (none of those the merge regularises with), image *i* with seed
+    ``seed + i``, and comparing them with the same-seed images of the parent model (the one immunization started
+    from) and of the base model.
+    """
+
+    enabled: bool = True
+    """Measure utility at the end of every immunization (``mima evaluate --utility`` measures it at any time)."""
+    images: int = Field(default=8, ge=1)
+    """Images per prompt."""
+    captions: int = Field(default=8, ge=0)
+    """Held-out generic captions (from ``regularization.captions``, none of the merge's), ``images`` images each."""
+    seed: int = Field(default=30_000, ge=0)
+    metrics: list[Literal["clip", "dino", "lpips", "judge", "judge-acc"]] = Field(default_factory=list)
+    """Empty = ``[eval] metrics`` (``judge`` and ``judge-acc`` on the testbed, ``clip``, ``dino`` and ``lpips`` on
+    Stable Diffusion). ``judge-acc``: share of a concept's images the judge names as it; ``clip``: CLIP score (prompt-image cosine);
+    ``judge`` / ``dino`` / ``lpips``: fidelity, the similarity of each image to the parent's image of the same
+    seed."""
+    world: bool | None = None
+    """Also count every style and object of the testbed world as an other concept (None = when the base is the
+    testbed)."""
+    collapse_share: float = Field(default=0.8, ge=0.0, le=1.0)
+    """A model whose other concepts' utility is below this share of its parent's is marked *collapsed*."""
+
+
 # ------------------------------------------------------------------------------------------ profile
 
 
@@ -571,6 +604,7 @@ class Profile(_Strict):
     immunize: ImmunizeSection = Field(default_factory=ImmunizeSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    utility: UtilitySection = Field(default_factory=UtilitySection)
 
     @model_validator(mode="after")
     def _check(self) -> Profile:

@@ -33,11 +33,28 @@ def evaluate_cmd(
     set_: list[str] = SET_OPTION,
     device: str = typer.Option("cpu", "--device", help="Device of the metric backbones."),
     json_out: bool = JSON_OPTION,
+    utility: bool = typer.Option(False, "--utility", help="Measure utility without attack instead: what each model "
+                                 "(an erase or immunization run, or a pipeline folder) still draws, against its parent."),
+    profile: str = typer.Option("testbed", "--profile", "-p", help="With --utility and a pipeline folder: the profile "
+                                "whose concepts, [utility] and [eval] settings are used."),
+    group: str = typer.Option(None, "--group", "-g", help="With --utility and a pipeline folder: the group whose "
+                              "targets are the folder's targets (default: none, every concept is an other)."),
+    parent: str = typer.Option(None, "--parent", help="With --utility: the model to compare with (default: the run's "
+                               "parent, or the profile's base for a folder)."),
 ) -> None:
     """Recompute the metrics of finished attack pairs into a new evaluate run (the report prefers its numbers).
 
+    With --utility, measure instead what each model still draws without any attack ([utility] of the profile:
+    judge accuracy and fidelity on the testbed, CLIP score, DINO and LPIPS fidelity on Stable Diffusion), and
+    whether it is collapsed.
+
     Example: mima evaluate latest --metrics clip,dino
+
+    Example: mima evaluate --utility 20261207-091349-immunize-mima-g3-1-b74c
     """
+    if utility:
+        _utility(ctx, runs, profile, group, parent, set_, device, json_out)
+        return
     from engine.evaluate import EvaluationError, evaluate
     from engine.metrics import MetricWeightsMissing
     from engine.report import build_report, collect_pairs
@@ -75,6 +92,48 @@ def evaluate_cmd(
             fmt = lambda e: "—" if e.get("value") is None else f"{e['value']:.2f}"  # noqa: E731
             table.add_row(p.run, p.method, p.attack, str(p.group), str(s), m, fmt(msgr), fmt(mrsgr))
     console.print(table)
+
+
+def _utility(ctx, refs: list[str], profile: str, group: str | None, parent: str | None, sets: list[str],
+             device: str, json_out: bool) -> None:
+    from engine.evaluate import EvaluationError, evaluate_utility
+    from engine.metrics import MetricWeightsMissing
+    from engine.metrics.utility import read_utility
+    from engine.models import ModelNotAvailable
+    from engine.profile import ProfileError
+    from engine.runs import RunNotFound, find_run
+    from mima_cli.attack import quiet_model_loading
+    from mima_cli.options import load_profile_for
+    from mima_cli.progress import stage_bars
+    from mima_cli.report import print_utility
+
+    quiet_model_loading()
+    rd = runs_dir(ctx)
+    out = []
+    for ref in refs:
+        try:
+            find_run(rd, ref)
+            is_run = True
+        except RunNotFound:
+            is_run = False
+        p = None if is_run else load_profile_for(ctx, profile, sets)
+        try:
+            with stage_bars(transient=True) as bars:
+                run_dir = evaluate_utility(rd, ref, profile=p, group=group, parent=parent,
+                                           overrides=sets if is_run else (), device=device, progress=bars)
+        except (EvaluationError, ProfileError) as e:
+            fail(e, EXIT_USAGE)
+        except (MetricWeightsMissing, ModelNotAvailable) as e:
+            fail(e, EXIT_FAILURE)
+        except ValueError as e:
+            fail(e, EXIT_USAGE)
+        u = read_utility(run_dir)
+        out.append({"run": run_dir.name, "of": ref, "utility": u.to_dict()})
+        if not json_out:
+            console.print(f"{ref}  (evaluate run {run_dir.name})", highlight=False)
+            print_utility(run_dir)
+    if json_out:
+        print_json(out)
 
 
 def register(app: typer.Typer) -> None:

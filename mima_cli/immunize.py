@@ -9,6 +9,7 @@ import typer
 from mima_cli.console import console, fail
 from mima_cli.options import SET_OPTION, load_profile_for, runs_dir
 from mima_cli.progress import stage_bars
+from mima_cli.report import print_utility
 
 DEFAULT_PROFILE = "testbed"
 PROFILE_OPTION = typer.Option(DEFAULT_PROFILE, "--profile", "-p",
@@ -92,6 +93,7 @@ def immunize_cmd(
         fail(e, 1)
     if main:
         console.print(f"immunized model: {run_dir / 'model'}  (run {run_dir.name})")
+        print_utility(run_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,25 +15,98 @@ from mima_cli.options import runs_dir
 MARKERS = ("hd", "dot", "x", "+", "o", "*", "sd", "braille")
 
 
+COLLAPSED = "†"
+
+
 def _num(v, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _cell_text(cell, with_success: bool) -> Text:
-    text = Text(_num(cell.value), style="bold" if cell.value is not None else "dim")
+def _value(kind: str, v) -> str:
+    return ("—" if v is None else f"{v:.0%}") if kind == "learn" else _num(v)
+
+
+def _cell_text(cell, kind: str) -> Text:
+    text = Text(_value(kind, cell.value), style="bold" if cell.value is not None else "dim")
     if cell.note and cell.value is not None:
         text.append("*", style="yellow")
-    if with_success and cell.success is not None:
+    if cell.collapsed:
+        text.append(COLLAPSED, style="bold red")
+    if kind in ("msgr", "learn") and cell.success is not None:
         text.append(f" ({cell.success:.0%})", style="dim")
     return text
+
+
+def _plain_cell(cell, kind: str) -> str:
+    return _cell_text(cell, kind).plain
+
+
+def collapse_legend(threshold: float) -> str:
+    return (f"{COLLAPSED} collapsed: without any attack this model draws the other concepts at less than "
+            f"{threshold:.0%} of its parent's utility (utility table); its MSGR measures a broken model, not immunity")
+
+
+def _utility_text(cell) -> Text:
+    text = Text(f"{_num(cell.targets)} / {_num(cell.others)}", style="bold" if cell.others is not None else "dim")
+    if cell.collapsed:
+        text.append(f" {COLLAPSED}", style="bold red")
+    return text
+
+
+def _rich_utility(u) -> Table:
+    table = Table(title=u.title, title_justify="left")
+    table.add_column("model")
+    for g in u.groups:
+        table.add_column(f"{g} ({u.group_sizes[g]})", justify="right")
+    table.add_column("average", justify="right", style="cyan")
+    for r in u.rows:
+        table.add_row(r.model, *[_utility_text(r.cells[g]) if g in r.cells else Text("") for g in u.groups],
+                      _utility_text(r.average))
+    table.caption = (f"{u.metric} of each model's own generations, no attack: the targets' prompts / the other "
+                     f"concepts' (parent = the model immunization started from)"
+                     + (f"\n{collapse_legend(u.threshold)}" if u.collapsed else "")
+                     + (f"\n{unmeasured_line(u)}" if u.unmeasured else ""))
+    table.caption_justify = "left"
+    return table
+
+
+def _markdown_utility(u) -> list[str]:
+    out = [f"### {u.title}\n", "| " + " | ".join(["model", *[f"{g} ({u.group_sizes[g]})" for g in u.groups], "average"])
+           + " |", "|" + "|".join(["---"] + ["---:"] * (len(u.groups) + 1)) + "|"]
+    for r in u.rows:
+        cells = [_utility_text(r.cells[g]).plain if g in r.cells else "" for g in u.groups]
+        out.append("| " + " | ".join([r.model, *cells, _utility_text(r.average).plain]) + " |")
+    if u.collapsed:
+        out += ["", collapse_legend(u.threshold)]
+    if u.unmeasured:
+        out += ["", unmeasured_line(u)]
+    out.append("")
+    return out
+
+
+def unmeasured_line(u) -> str:
+    return (f"utility not measured for: {', '.join(u.unmeasured)} (run `mima evaluate --utility <immunization run>`); "
+            f"their numbers may measure a collapsed model")
 
 
 NONE_MRSGR = ("none: x^I is a re-run of x^A, so its MRSGR compares how alike the targets' own images are with how "
               "alike the others' are (M(x^A, x^A)); it is this group's baseline, not 0: read the other rows against it")
 
 
-def _rich_table(t) -> Table:
-    with_success = t.kind == "msgr"
+def print_utility(run_dir) -> None:
+    """The utility line of a model run (warned when the model is collapsed); nothing when it has none."""
+    from engine.metrics.utility import read_utility
+
+    u = read_utility(run_dir)
+    if u is None:
+        return
+    if u.collapsed:
+        warn(f"{u.describe()}: the model no longer draws what its parent drew; its MSGR would measure destruction")
+    else:
+        console.print(u.describe(), highlight=False)
+
+
+def _rich_table(t, threshold: float | None = None) -> Table:
     table = Table(title=t.title, title_justify="left", show_lines=False)
     table.add_column("method")
     table.add_column("metric")
@@ -44,32 +117,40 @@ def _rich_table(t) -> Table:
     for r in t.rows:
         if last is not None and r.method != last:
             table.add_section()
-        cells = [_cell_text(r.cells[g], with_success) if g in r.cells else Text("") for g in t.groups]
-        table.add_row(r.method if r.method != last else "", r.metric, *cells, _cell_text(r.average, with_success))
+        cells = [_cell_text(r.cells[g], t.kind) if g in r.cells else Text("") for g in t.groups]
+        table.add_row(r.method if r.method != last else "", r.metric, *cells, _cell_text(r.average, t.kind))
         last = r.method
-    if with_success:
+    if t.kind == "msgr":
         table.caption = "(x%) = judge accuracy on x^A: how well the attack works on the unimmunized twin"
+    elif t.kind == "learn":
+        table.caption = ("the other concepts' judge accuracy after the same attack on the immunized model (on the "
+                         "unimmunized twin): immunization should leave them learnable")
     elif any(r.method == "none" for r in t.rows):
         table.caption = NONE_MRSGR
+    if any(c.collapsed for r in t.rows for c in r.cells.values()):
+        table.caption = "\n".join(x for x in (table.caption, collapse_legend(threshold or 0.8)) if x)
     table.caption_justify = "left"
     return table
 
 
+def _threshold(report, profile) -> float:
+    return next((u.threshold for u in report.utility if u.profile == profile), 0.8)
+
+
 def _markdown(report) -> str:
     out = []
+    for u in report.utility:
+        out += _markdown_utility(u)
     for t in report.tables:
         out.append(f"### {t.title}\n")
         head = ["method", "metric", *[f"{g} ({t.group_sizes[g]})" for g in t.groups], "average"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(t.groups) + 1)) + "|")
         for r in t.rows:
-            def fmt(c):
-                s = _num(c.value)
-                if t.kind == "msgr" and c.success is not None:
-                    s += f" ({c.success:.0%})"
-                return s
-            cells = [fmt(r.cells[g]) if g in r.cells else "" for g in t.groups]
-            out.append("| " + " | ".join([r.method, r.metric, *cells, fmt(r.average)]) + " |")
+            cells = [_plain_cell(r.cells[g], t.kind) if g in r.cells else "" for g in t.groups]
+            out.append("| " + " | ".join([r.method, r.metric, *cells, _plain_cell(r.average, t.kind)]) + " |")
+        if any(c.collapsed for r in t.rows for c in r.cells.values()):
+            out += ["", collapse_legend(_threshold(report, t.profile))]
         out.append("")
     return "\n".join(out)
 
@@ -77,8 +158,8 @@ def _markdown(report) -> str:
 def _csv(report) -> str:
     rows = report.rows_flat()
     buf = io.StringIO()
-    fields = ["table", "profile", "family", "attacks", "method", "metric", "group", "value", "success", "step", "runs",
-              "note"]
+    fields = ["table", "profile", "family", "attacks", "method", "metric", "group", "value", "success", "targets",
+              "share", "collapsed", "step", "runs", "note"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -159,16 +240,24 @@ def report_cmd(
     elif markdown:
         typer.echo(_markdown(report))
     else:
+        for u in report.utility:
+            console.print(_rich_utility(u))
         for t in report.tables:
-            console.print(_rich_table(t))
+            console.print(_rich_table(t, _threshold(report, t.profile)))
         notes = {n for t in report.tables if t.kind == "msgr" for r in t.rows for c in r.cells.values() if c.note
                  for n in [c.note]}
         for n in sorted(notes):
             console.print(f"[yellow]*[/] {n}", highlight=False, style="dim")
         if chart:
             _charts(report, console.width)
+    if not json_out and report.collapsed:
+        warn_collapsed(report.collapsed)
     if grid:
         (err_console if json_out or csv_out or markdown else console).print(f"grid: {path}", highlight=False)
+
+
+def warn_collapsed(models: list[str]) -> None:
+    warn(f"collapsed (no longer draws the other concepts, without attack): {', '.join(models)}")
 
 
 def register(app: typer.Typer) -> None:

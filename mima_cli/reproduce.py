@@ -60,10 +60,10 @@ def _run(ctx: typer.Context, profile: str, sets: list[str], methods: list[str] |
     minutes = (time.monotonic() - t0) / 60
     err_console.print(f"{len(log.done)} step(s) run, {len(log.skipped)} skipped (finished earlier) in {minutes:.1f} min",
                       highlight=False)
-    report_cmd(ctx, runs=[r.name for r in log.immunize_runs], step=None, json_out=False, csv_out=False,
-               markdown=False, grid=None, chart=False)
     if str(p.model.base) == "testbed":
         console.print("[dim]numbers measured on the testbed (mima's tiny procedural world), not on Stable Diffusion[/]")
+    report_cmd(ctx, runs=[r.name for r in log.immunize_runs], step=None, json_out=False, csv_out=False,
+               markdown=False, grid=None, chart=False)  # ends with a warning naming any collapsed model
 
 
 def reproduce_cmd(

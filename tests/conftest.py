@@ -64,6 +64,10 @@ eval_images = 2
 
 [eval]
 metrics = ["judge", "judge-acc"]
+
+[utility]
+images = 2
+captions = 1
 """
 
 

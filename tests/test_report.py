@@ -37,8 +37,10 @@ def test_json_numbers_are_the_logged_events(built):
             assert p["msgr"][m] == events[(f"msgr/{m}", 2)]
             assert p["mrsgr"][m] == events[(f"mrsgr/{m}", 2)]
         assert p["success"]["judge-acc"] == events[("success/judge-acc", 2)]
-    msgr, mrsgr = out["tables"]
+    msgr, mrsgr, learn = out["tables"]
     assert (msgr["kind"], mrsgr["kind"], msgr["family"], msgr["groups"]) == ("msgr", "mrsgr", "re-learning", ["g2"])
+    assert learn["kind"] == "learn" and [(r["method"], r["metric"]) for r in learn["rows"]] == [
+        ("mima", "judge-acc"), ("jt", "judge-acc")]
     by_pair = {p["method"]: p for p in out["pairs"]}
     assert [(r["method"], r["metric"]) for r in msgr["rows"]] == [
         ("mima", "judge"), ("mima", "judge-acc"), ("jt", "judge"), ("jt", "judge-acc")]
@@ -66,7 +68,10 @@ def test_rich_tables_csv_and_markdown(built):
                   "x^A (unimmunized)", "attack step"):
         assert piece in text, piece
     rows = list(csv.DictReader(io.StringIO(invoke("--runs-dir", built["runs"], "report", "--csv").stdout)))
-    assert len(rows) == 2 * 4 * 2  # (msgr, mrsgr) x (2 methods x 2 metrics) x (g2, average)
+    # (msgr, mrsgr) x (2 methods x 2 metrics) x (g2, average) + learn (2 methods x judge-acc) x 2
+    # + utility (base, parent, mima, jt) x 2
+    assert len(rows) == 2 * 4 * 2 + 2 * 2 + 4 * 2
+    assert {r["table"] for r in rows} == {"msgr", "mrsgr", "learn", "utility"}
     js = json.loads(invoke("--runs-dir", built["runs"], "report", "--json").stdout)
     cell = js["tables"][0]["rows"][0]["cells"]["g2"]
     (row,) = [r for r in rows if (r["table"], r["method"], r["metric"], r["group"]) == ("msgr", "mima", "judge", "g2")]

@@ -388,10 +388,11 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
             run_loop(setup, profile, None, None, load_checkpoint(run_dir, setup, opt) if resume else 0, opt,
                      interrupt=intr)
         return Path(split.gather(None)[0])
+    parent_hash = model_hash(pipe)
     writer = RunWriter(
         runs_dir, "immunize", method=method, profile=profile if not resume else None, profile_name=profile_name,
         group=group, concepts=[c.name for c in targets], parent=parent_id or (None if parent_ref == base else parent_ref),
-        base_model_hash=model_hash(pipe), run_id=resume, resume=bool(resume),
+        base_model_hash=parent_hash, run_id=resume, resume=bool(resume),
         extra={"parent_model": str(parent_ref), "base": base, "anchor": profile.immunize.merge.anchor,
                "gradient": profile.immunize.gradient, "lower": lower_set(spec, profile.immunize),
                "upper": upper_set(spec, profile.immunize), "others": [c.name for c in others],
@@ -411,6 +412,15 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         for p in pipe.unet.parameters():
             p.requires_grad_(False)
         save_model(pipe, writer.dir / "model", base=base, full=False)
+        if profile.utility.enabled:
+            from ..metrics.utility import measure_run_utility
+
+            writer.set_phase("utility")
+            measure_run_utility(writer, profile, [c.name for c in targets], [c.name for c in others],
+                                model=(lambda: pipe, model_hash(pipe)),
+                                parent=(lambda: load_pipeline(parent_ref, dev, dtype), parent_hash),
+                                base=(base_pipe, None), cache_dir=runs_dir / ".cache", device=str(dev),
+                                progress=progress)
         writer.finish()
     if split is not None:
         split.gather(str(writer.dir))

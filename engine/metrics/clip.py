@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .base import (CosineFeatures, FeatureCache, Images, MetricWeightsMissing, chunks, first_line, hf_cache_dir,
-                   offline, to_pil)
+from .base import (CosineFeatures, FeatureCache, Images, MetricWeightsMissing, check_not_empty, chunks, first_line,
+                   hf_cache_dir, offline, to_pil)
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
@@ -39,7 +39,7 @@ class ClipBackend(CosineFeatures):
     kind = "similarity"
 
     def __init__(self, model: torch.nn.Module, *, label: str = "", random_init: bool = False,
-                 device: str | torch.device = "cpu", batch: int = 32):
+                 device: str | torch.device = "cpu", batch: int = 32, tokenizer=None):
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self.model = model.to(device).eval()
@@ -50,6 +50,7 @@ class ClipBackend(CosineFeatures):
         self.preprocess_cfg = dict(model.visual.preprocess_cfg)
         self.transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
         self.cache = FeatureCache()
+        self.tokenizer = tokenizer
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -72,6 +73,19 @@ class ClipBackend(CosineFeatures):
                 out.append(self.model.encode_image(x, normalize=True).float().cpu())
         dim = int(getattr(self.model.visual, "output_dim", 0) or 0)
         return torch.cat(out) if out else torch.zeros(0, dim)
+
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised text features ``[len(prompts), D]`` (float32, on the CPU)."""
+        if self.tokenizer is None:
+            raise ValueError("this CLIP backend has no tokenizer (build it with load_clip)")
+        with torch.no_grad():
+            tokens = self.tokenizer(list(prompts)).to(self.device)
+            return self.model.encode_text(tokens, normalize=True).float().cpu()
+
+    def clip_score(self, images: Images, prompt: str) -> float:
+        """CLIP score: the mean cosine of ``prompt``'s text features with each image's features."""
+        check_not_empty(images)
+        return float((self.features(images) @ self.text_features([prompt])[0]).double().mean())
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -159,4 +173,5 @@ def load_clip(model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED, 
         force_preprocess_cfg={k: cfg[k] for k in _PREPROCESS_KEYS if k in cfg},
     )
     label = f"clip {model}/{pretrained}" + (" (random init)" if random_init else "")
-    return ClipBackend(clip, label=label, random_init=random_init, device=device, batch=batch)
+    return ClipBackend(clip, label=label, random_init=random_init, device=device, batch=batch,
+                       tokenizer=open_clip.get_tokenizer(model))

@@ -232,6 +232,8 @@ class RunData:
         self.events = 0
         self.version = 0
         self.gone = False
+        self.utility: dict[str, Any] | None = None
+        """The newest utility summary of the run (:mod:`engine.metrics.utility`), when it has one."""
 
     def apply(self, events: list[dict[str, Any]]) -> None:
         for event in events:
@@ -285,6 +287,8 @@ class RunData:
             key = (event.get("name"), step, tuple(sorted((str(k), str(v)) for k, v in tags.items())))
             self.metrics.pop(key, None)
             self.metrics[key] = event
+            if event.get("name") == "utility" and isinstance(event.get("summary"), dict):
+                self.utility = event["summary"]
         elif kind == "progress":
             self.meter.add(event)
         elif kind == "status":
@@ -308,6 +312,18 @@ class RunData:
             groups.setdefault(group, {})[label] = points
         order = [g for g in PRIMARY_GROUPS if g in groups] + sorted(g for g in groups if g not in PRIMARY_GROUPS)
         return {g: groups[g] for g in order}
+
+    def utility_line(self) -> tuple[str, bool] | None:
+        """``(one line, collapsed)`` of the run's utility without attack, or None when it has none."""
+        from engine.metrics.utility import Utility
+
+        if self.utility is None:
+            return None
+        try:
+            u = Utility.from_dict(self.utility)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return u.describe(), u.collapsed
 
     def metric_table(self) -> MetricTable:
         return MetricTable.build(self.metrics.values())

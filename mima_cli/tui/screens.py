@@ -251,6 +251,7 @@ class RunScreen(SyncScreen):
 
     def compose(self) -> ComposeResult:
         yield Static(id="run-header")
+        yield Static(id="run-utility")
         with TabbedContent(initial="curves", id="run-tabs"):
             with TabPane("1 Curves", id="curves"):
                 yield VerticalScroll(Static("waiting for scalars…", classes="empty"), Grid(id="plots"), id="curves-scroll")
@@ -303,6 +304,7 @@ class RunScreen(SyncScreen):
         if seen == self._seen:
             return
         self.show_header(data)
+        self.show_utility(data)
         if data is not None:
             self.show_curves(data)
             self.show_samples(data)
@@ -346,6 +348,15 @@ class RunScreen(SyncScreen):
             last = data.messages[-1].text if data is not None and data.messages else (s.last_message if s else None)
             line3 = Text(" · ".join(([f"» {last}"] if last else []) + links), style="dim")
         self.query_one("#run-header", Static).update(one_line_each([line1, line2, line3]))
+
+    def show_utility(self, data: RunData | None) -> None:
+        """One line under the header: what the model still draws without attack (red when collapsed)."""
+        widget = self.query_one("#run-utility", Static)
+        line = data.utility_line() if data is not None else None
+        widget.display = line is not None
+        if line is not None:
+            text, collapsed = line
+            widget.update(Text(text, style="bold red" if collapsed else "green", no_wrap=True, overflow="ellipsis"))
 
     def show_curves(self, data: RunData) -> None:
         groups = data.scalar_groups()
