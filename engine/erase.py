@@ -26,7 +26,8 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
         raise ValueError(f"[erase] method is {profile.erase.method!r}; set it to \"uce\" to erase")
     concepts = profile.erase_targets(group)
     base = profile.model.base
-    pipe = load_pipeline(base, pick_device(device or profile.model.device), pick_dtype(profile.model.dtype))
+    dev, dtype = pick_device(device or profile.model.device), pick_dtype(profile.model.dtype)
+    pipe = load_pipeline(base, dev, dtype)
     base_hash = model_hash(pipe)
     with RunWriter(runs_dir, "erase", method="uce", profile=profile, profile_name=profile_name, group=group,
                    concepts=[c.name for c in concepts], base_model_hash=base_hash,
@@ -45,6 +46,18 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
         if progress:
             progress("erase", 1, 1, {"drift": report.preserve_drift})
         save_model(pipe, run.dir / "model", base=base, full=False)
+        erased_hash = model_hash(pipe)
         run.set_status(extra={"base": base, "target": e.target, "preserve_drift": report.preserve_drift,
-                              "erased_model_hash": model_hash(pipe)})
+                              "erased_model_hash": erased_hash})
+        if profile.utility.enabled:  # also caches the base's and the erased model's utility images for immunize
+            from .metrics.utility import measure_run_utility
+
+            names = {c.name for c in concepts}
+            others = [c.name for c in (profile.group(group).others if group else profile.concepts)
+                      if c.name not in names]
+            base_source = (lambda: load_pipeline(base, dev, dtype), base_hash)
+            run.set_phase("utility")
+            measure_run_utility(run, profile, [c.name for c in concepts], others, model=(lambda: pipe, erased_hash),
+                                parent=base_source, base=base_source, cache_dir=Path(runs_dir) / ".cache",
+                                device=str(dev), progress=progress)
     return run.dir
