@@ -57,8 +57,10 @@ def problem(n_concepts=2):
     return unet, lower, upper, kv, rows, reg, tasks
 
 
-def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01):
-    """Independent reference: write the whole bi-level objective out and differentiate it with autograd."""
+def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01, ascend=lambda li: li, extra=None):
+    """Independent reference: write the whole bi-level objective out and differentiate it with autograd.
+    ``ascend``: what the instance loss becomes in the ascended objective; ``extra(loss_fn, theta, merged)``: a term
+    added to it."""
     sched = scheduler()
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in unet.named_parameters()}
 
@@ -82,7 +84,9 @@ def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01):
     j = 0.0
     for t in tasks:
         li, lp = loss(merged, t.upper)
-        j = j + li - W_PRIOR * lp
+        j = j + ascend(li) - W_PRIOR * lp
+    if extra is not None:
+        j = j + extra(unet, sched, theta, merged)
     grads = torch.autograd.grad(j, [theta[k] for k in upper])
     return torch.cat([x.flatten() for x in grads]), float(j.detach())
 

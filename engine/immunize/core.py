@@ -79,6 +79,31 @@ class StepStats:
     prior_loss: float = 0.0
     merge_residual: float = 0.0
     grad_norm: float = 0.0
+    preserve_loss: float = 0.0
+
+
+@dataclass
+class Preserve:
+    """The preservation term of the upper level: ``weight * mean ||eps(x_t, c; model) - eps(x_t, c; parent)||^2`` on
+    a batch of prompts that must keep working, subtracted from the ascended objective; evaluated at the merged
+    theta' (``at = "merged"``) or at theta' and theta (``"both"``). ``parent``: the ``S^u`` parameters the
+    immunization started from (the only ones the outer loop changes), so the parent's predictions cost one forward
+    pass and no second model."""
+
+    weight: float
+    parent: dict[str, torch.Tensor]
+    at: str = "both"
+
+
+def ascended(loss: torch.Tensor, how: str = "loss", cap: float = 1.0) -> torch.Tensor:
+    """The instance loss the upper level maximises: as is, its log, or capped at ``cap`` (no gradient above it)."""
+    if how == "loss":
+        return loss
+    if how == "log":
+        return torch.log(loss.clamp_min(1e-8))
+    if how == "capped":
+        return loss.clamp(max=cap)
+    raise ValueError(f"unknown ascent {how!r}; expected loss, log or capped")
 
 
 class BiLevel:
@@ -91,7 +116,8 @@ class BiLevel:
     def __init__(self, unet, scheduler, lower: list[str], upper: list[str], inner_lr: float, prior_weight: float,
                  gradient: str = "fd", fd_eps: float = 1e-3,
                  merge_fn: Callable[[dict, list[dict]], tuple[dict, float]] | None = None,
-                 anchor: dict[str, torch.Tensor] | None = None, fd_scheme: str = "central"):
+                 anchor: dict[str, torch.Tensor] | None = None, fd_scheme: str = "central",
+                 preserve: Preserve | None = None, ascent: str = "loss", ascent_cap: float = 1.0):
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {', '.join(GRADIENT_MODES)}")
         if fd_scheme not in FD_SCHEMES:
@@ -102,6 +128,8 @@ class BiLevel:
         self.inner_lr, self.prior_weight = inner_lr, prior_weight
         self.gradient, self.fd_eps, self.fd_scheme = gradient, fd_eps, fd_scheme
         self.merge_fn, self.anchor = merge_fn, anchor
+        self.preserve, self.ascent, self.ascent_cap = preserve, ascent, ascent_cap
+        ascended(torch.ones(()), ascent, ascent_cap)  # an unknown ascent fails here, not at the first step
 
     # -------------------------------------------------------------------------------------------- losses
 
@@ -116,6 +144,17 @@ class BiLevel:
         inst = per[:k].mean()
         prior = per[k:].mean() if per.shape[0] > k else per.new_zeros(())
         return inst, prior
+
+    def _call(self, overrides: dict, batch: Batch) -> torch.Tensor:
+        xt = self.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        return functional_call(self.unet, overrides, (xt, batch.timesteps), {"encoder_hidden_states": batch.context},
+                               strict=False).sample
+
+    def preserve_loss(self, overrides: dict, keep: Batch) -> torch.Tensor:
+        """Mean squared distance of the predictions on ``keep`` to the parent's (see :class:`Preserve`)."""
+        with torch.no_grad():
+            target = self._call(self.preserve.parent, keep).float()
+        return ((self._call(overrides, keep).float() - target) ** 2).mean()
 
     def inner_objective(self, overrides, batch) -> torch.Tensor:
         inst, prior = self.losses(overrides, batch)
@@ -143,31 +182,47 @@ class BiLevel:
         anchor = self.anchor if self.anchor is not None else {k: self.params[k] for k in self.lower}
         return self.merge_fn(anchor, adapted)
 
-    def _upper_gradient(self, merged: dict, tasks: Sequence[Task], wrt: list[torch.Tensor]
+    def _upper_gradient(self, merged: dict, tasks: Sequence[Task], wrt: list[torch.Tensor],
+                        keep: Batch | None = None, stats: StepStats | None = None
                         ) -> tuple[list[torch.Tensor], float, float]:
-        """``dJ/d wrt`` with ``J = sum_n L_n(merged)`` (each task's instance loss minus ``prior_weight`` times its prior
-        loss, on its upper batch), and the summed instance and prior losses. One task's forward pass at a time, the
-        merge's graph kept between them: the activations of one task are held, not N (on an H200 at SD v1.4 shapes
-        each concept's batch added ~16 GiB when they ran together)."""
+        """``dJ/d wrt`` with ``J = sum_n A(L_n(merged))`` (each task's instance loss, through :func:`ascended`,
+        minus ``prior_weight`` times its prior loss, on its upper batch) minus the preservation term on ``keep``
+        (when set), and the summed instance and prior losses. One task's forward pass at a time, the merge's graph
+        kept between them: the activations of one task are held, not N (on an H200 at SD v1.4 shapes each concept's
+        batch added ~16 GiB when they ran together)."""
         grads, outer, prior_sum = None, 0.0, 0.0
+        keep = keep if self.preserve is not None and self.preserve.weight > 0 else None
         for i, task in enumerate(tasks):
             inst, prior = self.losses(merged, task.upper)
-            g = torch.autograd.grad(inst - self.prior_weight * prior, wrt, materialize_grads=True,
-                                    retain_graph=i < len(tasks) - 1)
+            g = torch.autograd.grad(ascended(inst, self.ascent, self.ascent_cap) - self.prior_weight * prior, wrt,
+                                    materialize_grads=True, retain_graph=i < len(tasks) - 1 or keep is not None)
             # out of place: autograd may hand the same tensor to two inputs (e.g. the two sides of a sum)
             grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
             outer += float(inst.detach())
             prior_sum += float(prior.detach())
             del inst, prior, g  # this task's graph goes before the next task's forward pass
+        if keep is not None:
+            points = [merged] + ([{}] if self.preserve.at == "both" and merged else [])
+            total = 0.0
+            for j, at in enumerate(points):
+                loss = self.preserve_loss(at, keep)
+                g = torch.autograd.grad(-self.preserve.weight * loss, wrt, materialize_grads=True,
+                                        retain_graph=j < len(points) - 1)
+                grads = [a + b for a, b in zip(grads, g)]
+                total += float(loss.detach())
+            if stats is not None:
+                stats.preserve_loss = total / len(points)
         return grads, outer, prior_sum
 
-    def meta_gradient(self, tasks: Sequence[Task], split: Split | None = None) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def meta_gradient(self, tasks: Sequence[Task], split: Split | None = None, keep: Batch | None = None
+                      ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """``{name: dJ/dtheta}`` for the ``S^u`` parameters, and the step's statistics. With ``split``, this process
-        adapts only its share of the tasks and the processes combine their parts (:mod:`.distributed`)."""
+        adapts only its share of the tasks and the processes combine their parts (:mod:`.distributed`). ``keep``:
+        the preservation term's batch of this step (with :class:`Preserve` set)."""
         if split is not None and split.world > 1:
-            return self._split_meta_gradient(tasks, split)
+            return self._split_meta_gradient(tasks, split, keep)
         if self.gradient != "exact":
-            return self._lean_meta_gradient(tasks)
+            return self._lean_meta_gradient(tasks, keep)
         stats = StepStats()
         upper = [self.params[k] for k in self.upper]
         adapted = []
@@ -175,7 +230,7 @@ class BiLevel:
             a, stats.inner_loss[task.name], _ = self._adapt(task, create_graph=True)
             adapted.append(a)
         merged, stats.merge_residual = self._merge(adapted)
-        grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(merged, tasks, upper)
+        grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(merged, tasks, upper, keep, stats)
         out = dict(zip(self.upper, grads))
         stats.grad_norm = global_norm(out)
         return out, stats
@@ -184,7 +239,8 @@ class BiLevel:
         """The ``S^l`` parameters merged in closed form; every other one is the mean of the adapted copies."""
         return set(getattr(self.merge_fn, "kv_names", ())) & set(self.lower)
 
-    def _lean_meta_gradient(self, tasks: Sequence[Task]) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def _lean_meta_gradient(self, tasks: Sequence[Task], keep: Batch | None = None
+                            ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """``fd`` and ``first-order`` without a graph through the inner steps, holding one running sum for the
         averaged ``S^l`` parameters instead of N adapted copies (their gradient is the same for every task,
         ``dJ/dmean / N``) and N copies of the k/v weights only: memory ~ 3 |S^l| + N |k/v| instead of 2N |S^l|."""
@@ -214,7 +270,7 @@ class BiLevel:
             merged.update(merged_kv)
         upper = [self.params[k] for k in self.upper]
         leaves = list(mean.values()) + [v for c in copies for v in c.values()]
-        grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(merged, tasks, upper + leaves)
+        grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(merged, tasks, upper + leaves, keep, stats)
         out = dict(zip(self.upper, grads))
         shared = {k: g / n for k, g in zip(mean, grads[len(upper): len(upper) + len(mean)])}  # dJ/dtheta'_n, every n
         i = len(upper) + len(mean)
@@ -227,7 +283,8 @@ class BiLevel:
         stats.grad_norm = global_norm(out)
         return out, stats
 
-    def alternating_gradient(self, tasks: Sequence[Task], split: Split | None = None) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def alternating_gradient(self, tasks: Sequence[Task], split: Split | None = None, keep: Batch | None = None
+                             ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """The released MIMA code's scheme (a labelled reproduction, for comparison only): the inner steps and the
         merge are written into the model without gradient, then the first-order gradient of ``J`` is taken at the
         resulting weights. Not Algorithm 1: nothing flows through the merge and inner updates accumulate."""
@@ -246,7 +303,8 @@ class BiLevel:
         upper = [self.params[k] for k in self.upper]
         own = [tasks[i] for i in mine]
         if own:
-            grads, stats.outer_loss, stats.prior_loss = self._upper_gradient({}, own, upper)
+            grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(
+                {}, own, upper, keep if split is None or split.main else None, stats)
         else:
             grads = [torch.zeros_like(p) for p in upper]
         if split:
@@ -281,7 +339,8 @@ class BiLevel:
         split.sum_(losses)
         stats.outer_loss, stats.prior_loss = (float(v) for v in losses[0])
 
-    def _split_meta_gradient(self, tasks: Sequence[Task], split: Split) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def _split_meta_gradient(self, tasks: Sequence[Task], split: Split, keep: Batch | None = None
+                             ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """:meth:`meta_gradient` with this process adapting ``split.mine`` (see :mod:`.distributed`)."""
         stats = StepStats()
         n, mine = len(tasks), split.mine(len(tasks))
@@ -296,8 +355,9 @@ class BiLevel:
         upper = [self.params[k] for k in self.upper]
         flat = [v for c in copies for v in c.values()]
         own = [tasks[i] for i in mine]
-        if own:
-            grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(merged, own, upper + flat)
+        if own:  # the preservation term once, on the first process
+            grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(
+                merged, own, upper + flat, keep if split.main else None, stats)
         else:
             grads = [torch.zeros_like(v) for v in upper + flat]
         split.sum_(grads)  # dJ/dtheta on the direct path, and dJ/dtheta'_n for every task n

@@ -26,7 +26,7 @@ from ..editing import merge_projector
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
 from . import MethodSpec, get_method
-from .core import Batch, BiLevel, StepStats, Task, make_merge_fn
+from .core import Batch, BiLevel, Preserve, StepStats, Task, make_merge_fn
 from .distributed import Split, current_split, process_device
 
 SAMPLE_SEEDS = (1000, 1001, 1002, 1003)
@@ -96,6 +96,33 @@ class Setup:
     projector: object
     kv_names: set[str]
     split: Split | None = None  # this process's share of the tasks under a multi-process launch
+    keep: KeepPool | None = None  # what the preservation term draws its batches from
+
+
+@dataclass
+class KeepPool:
+    """The preservation term's prompts (their embeddings) and the latents its noisy inputs are made from."""
+
+    contexts: torch.Tensor  # [P, L, c]
+    latents: torch.Tensor  # [n, 4, h, w]
+    prompts: list[str]
+
+    def draw(self, batch: int, gen: torch.Generator, num_train_timesteps: int = 1000) -> Batch:
+        ci = torch.randint(0, len(self.contexts), (batch,), generator=gen)
+        li = torch.randint(0, len(self.latents), (batch,), generator=gen)
+        lat = self.latents[li]
+        noise = torch.randn(lat.shape, generator=gen).to(lat.device, lat.dtype)
+        t = torch.randint(0, num_train_timesteps, (batch,), generator=gen).to(lat.device)
+        return Batch(lat, self.contexts[ci].to(lat.dtype), noise, t, n_instance=batch)
+
+
+def keep_prompts(profile: Profile, others: list[Concept]) -> list[str]:
+    """The prompts the preservation term sees (``[immunize] preserve_prompts``)."""
+    which = profile.immunize.preserve_prompts
+    out = [c.prompt for c in others] if which in ("others", "both") else []
+    if which in ("captions", "both"):
+        out += profile.regularization_captions()
+    return list(dict.fromkeys(out))
 
 
 def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], others: list[Concept],
@@ -133,18 +160,32 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
     if merge_fn is not None and s.merge.anchor == "pretrained" and not alternating:
         params = dict(unet.named_parameters())
         anchor = {k: params[k].detach().clone() for k in lower}
+    preserve, keep = None, None
+    if s.preserve_weight > 0:
+        prompts = keep_prompts(profile, others)
+        if not prompts:
+            raise ImmunizationError("immunize.preserve_weight > 0 but the preservation term has no prompts "
+                                    f"(preserve_prompts = {s.preserve_prompts!r} and the group has no other concepts)")
+        params = dict(unet.named_parameters())
+        preserve = Preserve(s.preserve_weight, {k: params[k].detach().clone() for k in upper}, s.preserve_at)
+        with torch.no_grad():  # noisy prior (class) latents under the kept prompts: the inputs only; the parent's
+            contexts = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)  # prediction is the target
+        keep = KeepPool(contexts, torch.cat([c.prior for c in concepts]), prompts)
     bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight,
-                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor, s.fd_scheme)
-    return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv)
+                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor, s.fd_scheme,
+                      preserve, s.ascent, s.ascent_cap)
+    return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep)
 
 
 def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
     """One outer step: the meta-gradient (or the alternating scheme's gradient), then the ascent step."""
     s = profile.immunize
     tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
+    keep = (setup.keep.draw(s.preserve_batch, seeded_generator(profile.model.seed, step, "preserve", "upper"))
+            if setup.keep is not None else None)
     core = setup.bilevel
     fn = core.alternating_gradient if setup.spec.algorithm == "alternating" else core.meta_gradient
-    grads, stats = fn(tasks, setup.split)
+    grads, stats = fn(tasks, setup.split, keep)
     _check_finite(stats, step)
     for k, g in grads.items():
         core.params[k].grad = g.to(core.params[k].dtype)
@@ -245,6 +286,8 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
                 logger.log_scalar(f"inner_loss/{name}", v, step, concept=name)
             logger.log_scalar("outer_loss", stats.outer_loss, step)
             logger.log_scalar("prior_loss", stats.prior_loss, step)
+            if setup.keep is not None:
+                logger.log_scalar("preserve_loss", stats.preserve_loss, step)
             logger.log_scalar("merge_residual", stats.merge_residual, step)
             logger.log_scalar("grad_norm", stats.grad_norm, step)
             logger.log_scalar("step_seconds", time.perf_counter() - t0, step)

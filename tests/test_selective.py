@@ -1,0 +1,120 @@
+"""The selective-immunization terms of the upper level: the preservation term (distance of the model's noise
+predictions on kept prompts to the parent's) and the bounded ascents, against the unrolled objective written out
+independently (float64, tiny UNet), and in a real 2-step immunization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from engine.editing import merge_projector
+from engine.immunize.core import BiLevel, Preserve, ascended, make_merge_fn
+from test_immunize_core import ALPHA, W_PRIOR, _rel, fixed_batch, problem, scheduler, unrolled_gradient
+
+WEIGHT = 2.5
+
+
+def parent_of(unet, upper):
+    """S^u of a parent that differs from theta (as after some outer steps), so the term at theta is not zero."""
+    g = torch.Generator().manual_seed(3)
+    return {k: (p.detach() + 0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype)).clone()
+            for k, p in unet.named_parameters() if k in upper}
+
+
+def preserve_term(keep, parent, at):
+    def extra(unet, sched, theta, merged):
+        xt = sched.add_noise(keep.latents, keep.noise, keep.timesteps)
+
+        def pred(params):
+            return functional_call(unet, params, (xt, keep.timesteps), {"encoder_hidden_states": keep.context}).sample
+
+        target = pred({**theta, **parent}).detach()
+        points = [merged, theta] if at == "both" else [merged]
+        return -WEIGHT * sum(((pred(p) - target) ** 2).mean() for p in points)
+    return extra
+
+
+def core_gradient(mode, preserve=None, keep=None, ascent="loss", cap=1.0):
+    unet, lower, upper, kv, rows, reg, tasks = problem()
+    proj = merge_projector(rows, reg, ridge=0.01)
+    core = BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, mode, 1e-4, make_merge_fn(proj, kv),
+                   preserve=preserve(unet, upper) if callable(preserve) else preserve, ascent=ascent, ascent_cap=cap)
+    grads, stats = core.meta_gradient(tasks, keep=keep)
+    return torch.cat([grads[k].flatten() for k in upper]), stats
+
+
+def reference(extra=None, ascend=lambda li: li):
+    unet, lower, upper, kv, rows, reg, tasks = problem()
+    return unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ascend=ascend, extra=extra)[0]
+
+
+@pytest.mark.parametrize("at", ["both", "merged"])
+def test_preservation_term_is_the_unrolled_one(at):
+    keep = fixed_batch(40, n_inst=3, n_prior=0)
+    unet, _, upper, *_ = problem()
+    parent = parent_of(unet, upper)
+    want = reference(preserve_term(keep, parent, at))
+    exact, stats = core_gradient("exact", lambda u, up: Preserve(WEIGHT, parent, at), keep)
+    assert _rel(exact, want) < 1e-6 and stats.preserve_loss > 0
+    fd, _ = core_gradient("fd", lambda u, up: Preserve(WEIGHT, parent, at), keep)
+    assert _rel(fd, want) < 1e-4
+    plain = reference()
+    assert _rel(want, plain) > 1e-2  # the term changes the gradient: switched off, the test above fails
+    off, _ = core_gradient("exact", lambda u, up: Preserve(0.0, parent, at), keep)
+    assert _rel(off, plain) < 1e-6
+
+
+def test_preservation_is_zero_at_the_parent_without_adaptation():
+    """At theta = the parent and no inner step, the predictions are the parent's: no loss, no push."""
+    keep = fixed_batch(40, n_inst=3, n_prior=0)
+    unet, lower, upper, kv, rows, reg, tasks = problem()
+    parent = {k: p.detach().clone() for k, p in unet.named_parameters() if k in upper}
+    core = BiLevel(unet, scheduler(), lower, upper, 0.0, W_PRIOR, "exact",
+                   merge_fn=make_merge_fn(merge_projector(rows, reg, ridge=0.01), kv),
+                   preserve=Preserve(WEIGHT, parent, "both"))
+    _, stats = core.meta_gradient(tasks, keep=keep)
+    assert stats.preserve_loss == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("ascent", ["log", "capped"])
+def test_bounded_ascents_are_the_unrolled_ones(ascent):
+    plain, stats = core_gradient("exact")
+    per_task = stats.outer_loss / 2
+    cap = per_task * 0.9 if ascent == "capped" else 1.0  # one of the two tasks' losses is above the cap
+    want = reference(ascend=lambda li: ascended(li, ascent, cap))
+    got, _ = core_gradient("exact", ascent=ascent, cap=cap)
+    assert _rel(got, want) < 1e-6 and _rel(got, plain) > 1e-2
+    fd, _ = core_gradient("fd", ascent=ascent, cap=cap)
+    assert _rel(fd, want) < 1e-4
+
+
+def test_a_cap_below_every_loss_leaves_only_the_prior_term():
+    got, stats = core_gradient("exact", ascent="capped", cap=1e-6)
+    want = reference(ascend=lambda li: li * 0)
+    assert _rel(got, want) < 1e-6
+
+
+def test_unknown_ascent_is_refused():
+    unet, lower, upper, *_ = problem()
+    with pytest.raises(ValueError, match="unknown ascent"):
+        BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, "exact", ascent="hinge")
+
+
+def test_immunization_with_preservation_logs_its_loss(tiny_profile, tmp_path):
+    from engine.immunize.runner import immunize, keep_prompts
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.preserve_weight=1.0", "immunize.steps=2", "utility.enabled=false",
+                                    "erase.method=\"none\"", "immunize.ascent=\"capped\""])
+    grp = p.group("g2")
+    prompts = keep_prompts(p, list(grp.others))
+    assert prompts[:2] == ["an artwork of ringo", "an artwork of cellini"] and len(prompts) == 2 + 20
+    run = immunize(p, runs_dir=tmp_path / "runs", group="g2", method="mima", profile_name="tiny")
+    events = [json.loads(line) for line in (run / "events.jsonl").open()]
+    losses = [e["value"] for e in events if e["name"] == "preserve_loss"]
+    assert len(losses) == 2 and all(v > 0 for v in losses)
+    only = load_profile(tiny_profile, ["immunize.preserve_prompts=\"others\""])
+    assert keep_prompts(only, list(only.group("g2").others)) == ["an artwork of ringo", "an artwork of cellini"]
