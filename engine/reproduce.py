@@ -84,14 +84,18 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def plan(profile: Profile, methods: Sequence[str] | None = None, quick: bool = False,
-         shard: str | None = None) -> ReproducePlan:
-    groups = list(profile.groups) or [None]
+         shard: str | None = None, groups: Sequence[str] | None = None, control: bool = True) -> ReproducePlan:
+    """``groups``: only these (each checked against the profile); ``control``: also the control re-attack."""
+    if groups:
+        for g in groups:
+            profile.group(g)  # a ProfileError naming the known groups
+    chosen = list(groups or profile.groups) or [None]
     if quick:
-        groups = groups[:1]
+        chosen = chosen[:1]
     i, n = parse_shard(shard)
-    groups = groups[i - 1 :: n]
-    return ReproducePlan(groups=groups, methods=list(methods or (QUICK_METHODS if quick else FULL_METHODS)),
-                         attacks=list(profile.attack.methods))
+    chosen = chosen[i - 1 :: n]
+    return ReproducePlan(groups=chosen, methods=list(methods or (QUICK_METHODS if quick else FULL_METHODS)),
+                         attacks=list(profile.attack.methods), control=control)
 
 
 def _same_profile(run_dir: Path, profile: Profile) -> bool:
@@ -296,12 +300,13 @@ def _schedule(tasks: list[Task], start: Callable[[Task], object], wait: Callable
 def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | None = None,
               methods: Sequence[str] | None = None, quick: bool = False, shard: str | None = None,
               device: str | None = None, jobs: int | str = 1, progress=None, status=None,
-              worker_init: Callable[[], None] | None = None) -> ReproduceLog:
+              worker_init: Callable[[], None] | None = None, groups: Sequence[str] | None = None,
+              control: bool = True) -> ReproduceLog:
     """Run the plan, skipping finished work. ``status(message)`` reports each task as it starts (the CLI prints
     it). ``jobs``: worker processes (``"auto"``: :func:`default_jobs`); 1 runs every task in this process.
     ``worker_init``: a module-level function each worker process calls first (e.g. to silence loading bars)."""
     runs_dir = Path(runs_dir)
-    p = plan(profile, methods, quick, shard)
+    p = plan(profile, methods, quick, shard, groups, control)
     say = status or (lambda msg: None)
     n = max(1, default_jobs(device, profile) if jobs == "auto" else int(jobs))
     tasks, skipped = plan_tasks(profile, p, runs_dir, profile_name, twin_parts=n)

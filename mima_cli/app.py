@@ -30,6 +30,7 @@ COMMANDS = (
     "evaluate",
     "report",
     "reproduce",
+    "sweep",
     "bench",
     "tui_cmd",
 )

@@ -36,7 +36,7 @@ def made_utility(others: float, parent_others: float = 1.0, threshold: float = 0
 def test_shipped_testbed_draws_every_concept_of_its_world(tmp_path):
     from engine.models import load_pipeline
 
-    profile = load_profile("testbed", ["utility.captions=0"])
+    profile = load_profile("testbed", ["utility.captions=0", "utility.images=16"])  # a concept's accuracy to 1/16
     group = profile.group("g3-1")
     prompts = utility_prompts(profile, group.target_names, group.other_names)
     assert len(prompts) == 16 and {p.role for p in prompts} == {"target", "other"}  # the 8 styles and 8 objects
