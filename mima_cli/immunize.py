@@ -14,7 +14,7 @@ DEFAULT_PROFILE = "testbed"
 PROFILE_OPTION = typer.Option(DEFAULT_PROFILE, "--profile", "-p",
                               help="Profile file or shipped profile name (default: the testbed profile).")
 GROUP_OPTION = typer.Option(None, "--group", "-g", help="Group of target concepts (default: the profile's first group).")
-DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: [model] device).")
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: \\[model] device).")
 
 
 def _group(profile, group: str | None) -> str | None:
@@ -30,10 +30,10 @@ def erase_cmd(
     set_: list[str] = SET_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
-    """Erase the group's target concepts (or [erase] concepts) from the base model with UCE; writes a run.
+    """Erase the group's target concepts (or \\[erase] concepts) from the base model with UCE; writes a run.
 
-    Profile sections read: [model], [erase], [[concepts]] (prompts) and [groups]; the image sets that
-    `mima immunize` of the group will read ([[concepts]] images.immunize, [regularization] images) are checked first.
+    Profile sections read: \\[model], \\[erase], \\[\\[concepts]] (prompts) and \\[groups]; the image sets that
+    `mima immunize` of the group will read (\\[\\[concepts]] images.immunize, \\[regularization] images) are checked first.
 
     Example: mima erase --profile testbed --group g3-1
     """
@@ -53,22 +53,22 @@ def erase_cmd(
 def immunize_cmd(
     ctx: typer.Context,
     profile: str = PROFILE_OPTION,
-    method: str = typer.Option(None, "--method", "-m", help="mima, jt, cp, imma or alternating (default: [immunize] method)."),
+    method: str = typer.Option(None, "--method", "-m", help="mima, jt, cp, imma or alternating (default: \\[immunize] method)."),
     group: str = GROUP_OPTION,
     set_: list[str] = SET_OPTION,
-    steps: int = typer.Option(None, "--steps", help="Outer steps (overrides [immunize] steps)."),
-    gradient: str = typer.Option(None, "--gradient", help="exact, fd or first-order (overrides [immunize] gradient)."),
+    steps: int = typer.Option(None, "--steps", help="Outer steps (overrides \\[immunize] steps)."),
+    gradient: str = typer.Option(None, "--gradient", help="exact, fd or first-order (overrides \\[immunize] gradient)."),
     parent: str = typer.Option(None, "--parent", help="Start from this run or model instead of the erased/base model."),
     device: str = DEVICE_OPTION,
     resume: str = typer.Option(None, "--resume", help="Continue an interrupted immunization run from its checkpoint."),
 ) -> None:
     """Immunize a group of target concepts so that fine-tuning on them fails (MIMA, Algorithm 1, or a baseline).
 
-    Starts from the UCE-erased model when [erase] method = "uce" (erasing first if needed), else from [model] base.
+    Starts from the UCE-erased model when \\[erase] method = "uce" (erasing first if needed), else from \\[model] base.
     The immunized model lands in runs/<id>/model; open it with engine.models.load_pipeline("runs/<id>").
 
-    Profile sections read: [model], [erase] (when method = "uce"), [[concepts]] (prompts, images.immunize),
-    [regularization], [groups] and [immunize] (with [immunize.merge]). Every image set is checked before any work.
+    Profile sections read: \\[model], \\[erase] (when method = "uce"), \\[\\[concepts]] (prompts, images.immunize),
+    \\[regularization], \\[groups] and \\[immunize] (with \\[immunize.merge]). Every image set is checked before any work.
 
     Several GPUs: accelerate launch --num_processes 4 -m mima_cli immunize ... splits the concepts across them.
 
