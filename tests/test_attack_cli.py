@@ -157,7 +157,7 @@ def test_control_pair_is_the_none_row_with_msgr_zero(built, tmp_path):
     (["--method", "lorra"], 2, "unknown attack 'lorra'; did you mean 'lora'?"),
     (["--run", "erase"], 2, "is not an immunization run"),
     (["--run", "nope-nothing"], 2, "no run matches 'nope-nothing'"),
-    (["--set", 'concepts.0.images.attack={folder = "/nonexistent/imgs"}'], 2, "/nonexistent/imgs: image folder not found"),
+    (["--set", 'concepts.0.images.attack={folder = "/nonexistent/imgs"}'], 2, "concepts.0.images.attack (concept 'strieker'): folder '/nonexistent/imgs' does not exist"),
     (["--set", "attack.nope=1"], 2, "unknown key 'nope'"),
 ])
 def test_bad_input_is_one_line(built, args, code, message):
