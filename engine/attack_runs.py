@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
 from .evaluate import (
     PairEvaluator,
     concept_dir,
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 
-class AttackUsageError(ValueError):
+class AttackUsageError(ValueError, UsageError):
     """Bad input: an unknown attack, a run that is not a finished immunization run, missing images, a profile
     that cannot drive the attack (the CLI exits 2)."""
 
@@ -279,9 +280,16 @@ def _cache_source(st: Mapping[str, Any]) -> bool:
             and st.get("state") in ("finished", "interrupted", "failed"))
 
 
-def find_cached(runs_dir: str | Path, keys: Mapping[str, str]) -> tuple[Path | None, dict[str, Path]]:
+def weights_dir(run_dir: str | Path, concept: str) -> Path:
+    """Where an attack run keeps a concept's attack output (``--save-weights``): ``<run>/checkpoints/<concept>/``."""
+    return Path(run_dir) / "checkpoints" / concept_dir(concept)
+
+
+def find_cached(runs_dir: str | Path, keys: Mapping[str, str],
+                need_weights: bool = False) -> tuple[Path | None, dict[str, Path]]:
     """``(whole, parts)``: a finished unimmunized attack run holding every concept of ``keys`` ({concept: key})
-    with the same keys (newest first), and for each concept some run that holds it (its attack finished)."""
+    with the same keys (newest first), and for each concept some run that holds it (its attack finished).
+    ``need_weights``: only concepts whose attack output was saved (:func:`weights_dir`) count."""
     from .runs import list_runs
 
     whole, parts = None, {}
@@ -292,7 +300,8 @@ def find_cached(runs_dir: str | Path, keys: Mapping[str, str]) -> tuple[Path | N
         have, done = extra.get("cache_keys") or {}, set(extra.get("done") or [])
         run_dir = Path(st["dir"])
         hits = {c for c, k in keys.items()
-                if c in done and have.get(c) == k and eval_steps(run_dir, c)}
+                if c in done and have.get(c) == k and eval_steps(run_dir, c)
+                and (not need_weights or weights_dir(run_dir, c).is_dir())}
         if whole is None and st.get("state") == "finished" and hits == set(keys):
             whole = run_dir
         for c in hits:
@@ -470,7 +479,7 @@ class _Runner:
                 if on_step:
                     on_step(_name, step)
 
-            out = writer.dir / "checkpoints" / concept_dir(name) if self.save_weights else None
+            out = weights_dir(writer.dir, name) if self.save_weights else None
             try:
                 run_attack(job, tracker, on_eval=on_eval, out=out)
             except (KeyboardInterrupt, AttackUsageError):
@@ -483,9 +492,11 @@ class _Runner:
         return mhash
 
     def copy_concept(self, writer, source: Path, concept: str) -> None:
-        """Copy a concept's evaluation images from a cached run (arrays + PNG events)."""
+        """Copy a concept's evaluation images from a cached run (arrays + PNG events), and its weights when saved."""
         from PIL import Image
 
+        if self.save_weights and weights_dir(source, concept).is_dir():
+            shutil.copytree(weights_dir(source, concept), weights_dir(writer.dir, concept), dirs_exist_ok=True)
         for step in eval_steps(source, concept):
             src = eval_path(source, concept, step)
             dst = eval_path(writer.dir, concept, step)
@@ -508,9 +519,15 @@ class _Runner:
         keys = {c: self.key(self.twin_hash, settings, d) for c, d in self._data.items()}
         common = dict(method=method, profile=p, profile_name=plan.profile_name, group=plan.group,
                       concepts=plan.concepts, phase=f"attack/{method}")
-        whole, parts = find_cached(self.runs_dir, keys)
+        whole, parts = find_cached(self.runs_dir, keys, need_weights=self.save_weights)
         twin_reused = whole is not None
         reused: dict[str, str] = {}
+        notes = []
+        if self.save_weights and whole is None:
+            unweighted, _ = find_cached(self.runs_dir, keys)
+            if unweighted is not None:
+                notes.append(f"{method}: the cached unimmunized attack {unweighted.name} kept no weights, so the "
+                             "unimmunized model was attacked again to save them (--save-weights)")
         if whole is not None:
             twin_dir = whole
         else:
@@ -524,12 +541,12 @@ class _Runner:
                 reused = dict(tw.status["extra"].get("reused") or {})
             twin_dir = tw.dir
         if plan.twin_only:
-            return PairResult(method, None, twin_dir, twin_reused, reused)
+            return PairResult(method, None, twin_dir, twin_reused, reused, notes=notes)
         if plan.control:
             run_parent, model_ref, model_hash_ = plan.twin_parent, plan.twin_model, self.twin_hash
         else:
             run_parent, model_ref, model_hash_ = plan.immunize_run.name, plan.model, None
-        result = PairResult(method, Path(), twin_dir, twin_reused, reused)
+        result = PairResult(method, Path(), twin_dir, twin_reused, reused, notes=notes)
         with RunWriter(self.runs_dir, "attack", parent=run_parent, twin=twin_dir.name, base_model_hash=model_hash_,
                        extra=self.extra(method, immunized=not plan.control, control=plan.control, model=model_ref,
                                         keys=keys if plan.control else None, settings=settings), **common) as run:
@@ -583,9 +600,16 @@ class _Runner:
         from .attacks.common import resolution
         from .models import model_hash
 
+        from .data import check_image_sets, profile_image_sets
+
         plan = self.plan
         if not plan.concepts:  # an empty slice (``part``): nothing to attack
             return []
+        prior = any(s.prior_preservation for s in plan.settings.values())
+        sets = profile_image_sets(plan.profile, plan.concepts, ("attack",), regularization=prior)
+        if live_eval:
+            sets += profile_image_sets(plan.profile, plan.targets, ("reference",), regularization=False)
+        check_image_sets(sets, path=plan.profile_name)  # before any model loads or run is written
         probe = self.load(plan.twin_model)
         size = resolution(probe)
         self.twin_hash = plan.twin_hash or model_hash(probe)
@@ -638,7 +662,9 @@ def run_attacks(plan: AttackPlan, *, runs_dir: str | Path, device: str | None = 
                 save_weights: bool = False) -> list[PairResult]:
     """Run :func:`plan_attack`'s plan: per method, the unimmunized attack (or its cached run) then the immunized one,
     with live evaluation. ``backends``: metric backends to use instead of ``[eval] metrics`` (tests).
-    ``save_weights``: keep each attack's output (LoRA, embeddings, UNet) under ``<run>/checkpoints/<concept>/``.
+    ``save_weights``: keep each attack's output (LoRA, embeddings, UNet) under ``<run>/checkpoints/<concept>/``, the
+    unimmunized attack's too: the cache then serves only attacks that kept their weights (a note says when a cached
+    one without them was attacked again).
     ``progress(stage, step, total, info)`` is called as steps finish. Ctrl-C keeps every finished concept (the run
     is marked interrupted; ``extra.done`` lists what finished; a later call reuses it from the cache)."""
     return _Runner(plan, Path(runs_dir), device, progress, save_weights).run(backends, live_eval)

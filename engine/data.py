@@ -3,6 +3,10 @@
 ``load_image_set(spec, ...)`` returns uint8 ``[n, H, W, 3]`` at the model's resolution. Generated sets are cached
 under ``<cache_dir>/images/<key>.npz`` keyed by the model, prompt, seeds and sampler settings, so every method and
 attack that needs the same images draws them once.
+
+``check_image_sets(profile_image_sets(profile, ...))`` opens every file of the folder sets a job will read, so that
+a missing folder, an empty one or an unreadable image is reported (naming the concept, the file and the reason)
+before any work starts and before any run directory exists.
 """
 
 from __future__ import annotations
@@ -10,37 +14,91 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .profile import FolderImages, GenerateImages, RenderImages
+from .profile import FolderImages, GenerateImages, ImageSet, Profile, ProfileError, RenderImages
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class ImageSetError(ValueError):
-    pass
+class ImageSetError(ProfileError, ValueError):
+    """An image set that cannot be read: a missing or empty folder, or a file that is not a readable image (one
+    line naming the set, the file and the reason; the CLI exits 2). Unreadable files are never skipped."""
+
+
+def folder_files(spec: FolderImages) -> list[Path]:
+    """The image files a folder set selects (sorted by name, then ``skip`` and ``count``); ``ImageSetError`` when the
+    folder is missing or selects none."""
+    folder = Path(spec.folder).expanduser()
+    if not folder.is_dir():
+        raise ImageSetError(f"folder '{folder}' " + ("is not a folder" if folder.exists() else "does not exist"))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    chosen = files[spec.skip :][: spec.count] if spec.count else files[spec.skip :]
+    if not chosen:
+        raise ImageSetError(f"folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                            + (f" after skipping {spec.skip} of {len(files)}" if files else ""))
+    return chosen
+
+
+def open_image(path: Path) -> Image.Image:
+    """The RGB image of a file, decoded in full; ``ImageSetError`` naming the file when it is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).replace(f"'{path}'", "").replace(str(path), "").split()) or type(e).__name__
+        raise ImageSetError(f"'{path}' is not a readable image ({reason}); unreadable files are not skipped: "
+                            "replace or remove it") from None
 
 
 def read_folder(folder: str | Path, size: int, skip: int = 0, count: int | None = None) -> np.ndarray:
     """Images of a folder sorted by name, centre-cropped to squares and resized to ``size``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageSetError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[skip:]
-    files = files[:count] if count else files
-    if not files:
-        raise ImageSetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) after skipping {skip}")
     out = []
-    for f in files:
-        im = Image.open(f).convert("RGB")
+    for f in folder_files(FolderImages(folder=str(folder), skip=skip, count=count)):
+        im = open_image(f)
         s = min(im.size)
         left, top = (im.width - s) // 2, (im.height - s) // 2
         out.append(np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)))
     return np.stack(out)
+
+
+def profile_image_sets(profile: Profile, concepts: Iterable[str] | None = None,
+                       keys: Sequence[str] = ("immunize", "attack", "reference"),
+                       regularization: bool = True) -> list[tuple[str, ImageSet]]:
+    """``(field, image set)`` of ``concepts`` (default: all): their ``images.<key>`` for ``keys``, and with
+    ``regularization`` the prior images of their class prompts; ``field`` names the set as a profile error does."""
+    names = set(profile.concept_names if concepts is None else concepts)
+    out: dict[str, ImageSet] = {}
+    for i, c in enumerate(profile.concepts):
+        if c.name not in names:
+            continue
+        for key in keys:
+            out[f"concepts.{i}.images.{key} (concept '{c.name}')"] = getattr(c.images, key)
+        if regularization:
+            out[f"regularization.images (class prompt '{c.class_prompt}')"] = profile.regularization.images_for(
+                c.class_prompt)
+    return list(out.items())
+
+
+def check_image_sets(sets: Iterable[tuple[str, ImageSet]], path: str | os.PathLike | None = None) -> int:
+    """Open every image of every folder set in ``sets`` (``(field, set)`` pairs, see :func:`profile_image_sets`)
+    before any work; generated and rendered sets need no check. Returns the number of files read. Raises
+    :class:`ImageSetError` naming ``path`` (the profile), the field (with its concept), the file and the reason."""
+    n = 0
+    for field, spec in sets:
+        if not isinstance(spec, FolderImages):
+            continue
+        try:
+            for f in folder_files(spec):
+                open_image(f)
+                n += 1
+        except ImageSetError as e:
+            raise ImageSetError(e.detail, path=path, field=field) from None
+    return n
 
 
 def render_set(prompt: str, seeds: range, concept: str | None = None) -> np.ndarray:

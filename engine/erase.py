@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data import check_image_sets, profile_image_sets
 from .editing import uce_edit
 from .profile import Profile
 
@@ -17,7 +18,8 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
     profiles list the whole world) serves every group.
 
     The erased model is ``<run>/model`` (UNet only + ``mima_model.json`` naming the base). ``[erase] method = "none"``
-    is an error here: there is nothing to erase.
+    is an error here: there is nothing to erase. The image sets that immunizing the group reads are checked first
+    (:func:`engine.data.check_image_sets`), so that a broken one stops the work before this run is written.
     """
     from .models import load_pipeline, model_hash, pick_device, pick_dtype, save_model
     from .runs import RunWriter
@@ -25,6 +27,9 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
     if profile.erase.method != "uce":
         raise ValueError(f"[erase] method is {profile.erase.method!r}; set it to \"uce\" to erase")
     concepts = profile.erase_targets(group)
+    # the erased model is the start of the group's immunization: its image sets are checked before any work
+    targets = profile.group(group).target_names if group else profile.concept_names
+    check_image_sets(profile_image_sets(profile, targets, ("immunize",)), path=profile_name)
     base = profile.model.base
     dev, dtype = pick_device(device or profile.model.device), pick_dtype(profile.model.dtype)
     pipe = load_pipeline(base, dev, dtype)

@@ -22,12 +22,18 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
+
 MODEL_JSON = "mima_model.json"
 SUBSETS = ("unet", "xattn", "xattn-kv")
 
 
-class ModelNotAvailable(FileNotFoundError):
+class ModelNotAvailable(FileNotFoundError, UsageError):
     """A model reference that cannot be opened here (one-line message says what and how to fix it)."""
+
+
+class DeviceError(ValueError, UsageError):
+    """A device name torch does not know, or one this machine does not have."""
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -38,9 +44,9 @@ def pick_device(spec: str = "auto") -> torch.device:
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"device {spec!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise DeviceError(f"device {spec!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r}: no CUDA device is available here")
+        raise DeviceError(f"device {spec!r}: no CUDA device is available here")
     return dev
 
 

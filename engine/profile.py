@@ -40,6 +40,7 @@ Precedence: profile file < ``overrides`` (``--set section.key=value``) < explici
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import random
 import re
@@ -62,6 +63,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from .errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,7 +112,7 @@ PROMPT_FIELDS = ("name", "prompt", "token", "class_prompt")
 """Placeholders allowed in ``attack.eval_prompt``."""
 
 
-class ProfileError(Exception):
+class ProfileError(UsageError):
     """A problem with a profile, as one line: ``FILE: FIELD: what is wrong``.
 
     ``path`` is the profile file (or name) when known, ``field`` the dotted field path (e.g.
@@ -130,8 +133,8 @@ class ProfileError(Exception):
 
 
 class _Strict(BaseModel):
-    # strict: TOML values are typed; "3" is not an integer and 1 is not a boolean.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: TOML values are typed; "3" is not an integer and 1 is not a boolean. TOML's inf and nan are no setting.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -822,6 +825,28 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _non_finite(value: Any) -> float | None:
+    """The first ``inf``/``nan`` in a TOML value (looking into arrays and tables), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((bad for bad in map(_non_finite, items) if bad is not None), None)
+
+
+def parse_assignment(item: str, example: str = "immunize.steps=10") -> tuple[str, Any]:
+    """``(key, value)`` of a ``--set KEY=VALUE`` (the value by :func:`parse_value`); ``ValueError`` for an item
+    without ``=`` or a value holding ``inf`` or ``nan``. Profiles and ``mima testbed build`` parse ``--set`` here."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, e.g. {example}")
+    value = parse_value(text.strip())
+    bad = _non_finite(value)
+    if bad is not None:
+        raise ValueError(f"{key}: expected a finite number, got {bad}")
+    return key, value
+
+
 def _key_path(key: str) -> list[str]:
     """Split a dotted TOML key (``groups."g 1"`` -> ['groups', 'g 1'])."""
     parsed = tomllib.loads(f"{key} = 0")
@@ -840,7 +865,7 @@ def _set_path(data: dict[str, Any], parts: Sequence[str], value: Any, origin: st
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ProfileError(f"{origin}: '{where}' is not an index of a list of {len(node)}", field=where)
+                raise ProfileError(f"'{where}' is not an index of a list of {len(node)}", path=origin)
             if last:
                 node[int(part)] = value
             else:
@@ -851,35 +876,52 @@ def _set_path(data: dict[str, Any], parts: Sequence[str], value: Any, origin: st
             else:
                 node = node.setdefault(part, {})
         else:
-            raise ProfileError(f"{origin}: '{'.'.join(parts[:i])}' is not a table", field=where)
+            raise ProfileError(f"'{'.'.join(parts[:i])}' is not a table", path=origin)
+
+
+def _override_parts(item: str) -> list[str] | None:
+    """The key path an override sets (None when it does not parse)."""
+    try:
+        return _key_path(item.partition("=")[0].strip())
+    except (tomllib.TOMLDecodeError, ValueError):
+        return None
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides to a raw profile dict (in place; also returned).
 
-    The value is parsed as a TOML value, falling back to the plain string (``model.base=CompVis/x``).
+    The value is parsed as a TOML value, falling back to the plain string (``model.base=CompVis/x``); ``inf`` and
+    ``nan`` are refused. Errors are :class:`ProfileError` naming the ``--set`` item.
     """
     for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ProfileError(f"--set '{item}': expected KEY=VALUE, e.g. immunize.steps=10")
+        origin = f"--set {item}"
         try:
-            parts = _key_path(key)
-        except (tomllib.TOMLDecodeError, ValueError):
-            raise ProfileError(f"--set '{item}': '{key}' is not a dotted key") from None
-        _set_path(data, parts, parse_value(value.strip()), f"--set '{item}'")
+            key, value = parse_assignment(item)
+        except ValueError as e:
+            raise ProfileError(str(e), path=origin) from None
+        parts = _override_parts(item)
+        if parts is None:
+            raise ProfileError(f"'{key}' is not a dotted key", path=origin)
+        _set_path(data, parts, value, origin)
     return data
 
 
 def parse_profile(text: str, *, path: str | os.PathLike = "<profile>", overrides: Iterable[str] = ()) -> Profile:
-    """Parse and validate the TOML text of a profile (``path`` only names it in errors)."""
+    """Parse and validate the TOML text of a profile (``path`` only names it in errors). An error in a field that
+    an override set names the ``--set`` item instead of the file."""
     data = _parse_toml(text, str(path))
+    overrides = list(overrides)
+    apply_overrides(data, overrides)
     try:
-        apply_overrides(data, overrides)
+        return validate_profile(data, path=path)
     except ProfileError as e:
-        raise e.with_path(path) from None
-    return validate_profile(data, path=path)
+        field = (e.field or "").split(" (")[0]
+        for item in reversed(overrides):
+            parts = _override_parts(item)
+            key = ".".join(parts) if parts else None
+            if field and key and (field == key or field.startswith(key + ".") or key.startswith(field + ".")):
+                raise ProfileError(e.detail, path=f"--set {item}", field=e.field) from None
+        raise
 
 
 def load_profile(source: str | os.PathLike, overrides: Iterable[str] = ()) -> Profile:

@@ -304,9 +304,13 @@ def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | Non
               control: bool = True) -> ReproduceLog:
     """Run the plan, skipping finished work. ``status(message)`` reports each task as it starts (the CLI prints
     it). ``jobs``: worker processes (``"auto"``: :func:`default_jobs`); 1 runs every task in this process.
-    ``worker_init``: a module-level function each worker process calls first (e.g. to silence loading bars)."""
+    ``worker_init``: a module-level function each worker process calls first (e.g. to silence loading bars). Every
+    image set of the profile is checked first (:func:`engine.data.check_image_sets`)."""
+    from .data import check_image_sets, profile_image_sets
+
     runs_dir = Path(runs_dir)
     p = plan(profile, methods, quick, shard, groups, control)
+    check_image_sets(profile_image_sets(profile), path=profile_name)
     say = status or (lambda msg: None)
     n = max(1, default_jobs(device, profile) if jobs == "auto" else int(jobs))
     tasks, skipped = plan_tasks(profile, p, runs_dir, profile_name, twin_parts=n)

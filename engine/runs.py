@@ -52,6 +52,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .errors import UsageError
+
 __all__ = [
     "EVENT_KINDS",
     "RUN_STATES",
@@ -618,7 +620,7 @@ class RunReader:
             return []
 
 
-class RunNotFound(LookupError):
+class RunNotFound(LookupError, UsageError):
     """No run (or more than one) matches a reference."""
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from engine.profile import ProfileError
+from engine.errors import UsageError
 from mima_cli.console import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, err_console, fail
 from mima_cli.options import CliState
 
@@ -59,7 +59,8 @@ _PASSTHROUGH = _passthrough()
 
 
 class MimaGroup(TyperGroup):
-    """Root group: a ProfileError anywhere is one line and exit 2, Ctrl-C exit 130, any other
+    """Root group: bad input anywhere (an ``engine.errors.UsageError``: a profile, a flag, a run id, a model
+    reference, an image set) is one line and exit 2, Ctrl-C exit 130, any other
     exception one line and exit 1 (with the traceback under ``--verbose``)."""
 
     def invoke(self, ctx: Any) -> Any:
@@ -67,7 +68,7 @@ class MimaGroup(TyperGroup):
             return super().invoke(ctx)
         except _PASSTHROUGH:
             raise
-        except ProfileError as e:
+        except UsageError as e:
             fail(e, EXIT_USAGE)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)

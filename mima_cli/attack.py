@@ -41,7 +41,8 @@ def attack_cmd(
         help="Attack the unimmunized model a second time instead of the immunized one (the report's `none` row: "
              "MSGR 0 when the attack is deterministic)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip live evaluation (run `mima evaluate` later)."),
-    save_weights: bool = typer.Option(False, "--save-weights", help="Keep each attack's weights under <run>/checkpoints/."),
+    save_weights: bool = typer.Option(False, "--save-weights", help="Keep each attack's weights under <run>/checkpoints/<concept>/, the twin's too (a cached "
+                                      "twin without weights is attacked again)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: \\[model] device)."),
 ) -> None:
     """Attack an immunization run and its twin, the model it started from; MSGR fills in while they run.

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from mima_cli.console import EXIT_USAGE, console, fail
+from mima_cli.options import runs_dir
 from mima_cli.progress import stage_bars
 
 METADATA = "metadata.jsonl"
@@ -18,10 +19,12 @@ def register(app: typer.Typer) -> None:
 
 
 def generate_cmd(
+    ctx: typer.Context,
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt of every image."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNG files and metadata.jsonl."),
     model: str = typer.Option("testbed", "--model", "-m",
-                              help="'testbed', a diffusers pipeline folder, a run (its model/) or a cached hub id."),
+                              help="'testbed', a diffusers pipeline folder, a run (its id, `latest` or its folder: "
+                                   "its model/) or a cached hub id."),
     n: int = typer.Option(20, "--n", "-n", min=1, help="Number of images."),
     seed: int = typer.Option(0, "--seed", min=0, help="Image i uses seed SEED + i."),
     steps: int = typer.Option(None, "--steps", min=1, help="Denoising steps (default: 20 for the testbed, else 50)."),
@@ -41,7 +44,8 @@ def generate_cmd(
     """
     from PIL import Image
 
-    from engine.models import ModelNotAvailable, load_pipeline, pick_device, pick_dtype, resolve_model
+    from engine.models import MODEL_JSON, ModelNotAvailable, load_pipeline, pick_device, pick_dtype, resolve_model
+    from engine.runs import RunNotFound, find_run
     from engine.sampling import generate
     from engine.testbed import GUIDANCE, SAMPLE_STEPS, TestbedMissing
 
@@ -51,10 +55,18 @@ def generate_cmd(
         fail(f"{out} already holds an image set ({METADATA}); pass --force to overwrite it", EXIT_USAGE)
     try:
         folder = resolve_model(model)
-        pipe = load_pipeline(model, device=pick_device(device), dtype=pick_dtype(dtype))
-    except (ModelNotAvailable, TestbedMissing) as e:
+    except ModelNotAvailable as e:  # a run id of --runs-dir (or `latest`), else the model error itself
+        try:
+            run = find_run(runs_dir(ctx), model)
+        except RunNotFound:
+            raise e from None
+        folder = resolve_model(run)  # a run without a model/ says so
+    except TestbedMissing as e:
         fail(e)
-    testbed_like = model == "testbed" or (folder / "testbed.json").exists()
+    pipe = load_pipeline(folder, device=pick_device(device), dtype=pick_dtype(dtype))
+    meta = folder / MODEL_JSON  # a mima model completing its base
+    testbed_like = (model == "testbed" or (folder / "testbed.json").exists()
+                    or (meta.exists() and json.loads(meta.read_text()).get("base") == "testbed"))
     steps = steps or (SAMPLE_STEPS if testbed_like else 50)
     guidance = guidance if guidance is not None else (GUIDANCE if testbed_like else 7.5)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from engine.profile import ProfileError, dump_profile, load_profile, shipped_profiles
+from engine.profile import ProfileError, dump_profile, load_profile, resolve_profile_path, shipped_profiles
 from mima_cli.console import EXIT_USAGE, console, error, print_json
 from mima_cli.options import JSON_OPTION, PROFILE_ARGUMENT, SET_OPTION
 
@@ -69,18 +69,32 @@ def show(
 def validate(
     files: list[str] = typer.Argument(None, help="Profile files or shipped names (default: every shipped profile)."),
     set_: list[str] = SET_OPTION,
+    check_images: bool = typer.Option(
+        None, "--check-images/--no-check-images",
+        help="Open every image of the profile's folder image sets (default: for profile files, not shipped ones)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Check profiles: one line per file, problems on stderr; exit 2 if any is invalid.
 
+    The folder image sets of a profile file are checked too (missing or empty folders, unreadable images), as
+    `mima immunize`, `erase`, `attack` and `reproduce` check them before any work; shipped profiles only with
+    --check-images (their data folders are fetched separately).
+
     Example: mima profiles validate my-profile.toml
     """
+    from engine.data import check_image_sets, profile_image_sets
+
     targets = list(files or []) or [str(p) for p in shipped_profiles().values()]
+    shipped = {str(p.resolve()) for p in shipped_profiles().values()}
     results = []
     for target in targets:
         try:
             p = load_profile(target, set_)
-            results.append({"file": target, "ok": True, "error": None, "concepts": len(p.concepts), "groups": len(p.groups)})
+            row = {"file": target, "ok": True, "error": None, "concepts": len(p.concepts), "groups": len(p.groups),
+                   "images_checked": None}
+            if check_images if check_images is not None else str(resolve_profile_path(target).resolve()) not in shipped:
+                row["images_checked"] = check_image_sets(profile_image_sets(p), path=target)
+            results.append(row)
         except ProfileError as e:
             results.append({"file": target, "ok": False, "error": str(e)})
     if json_out:
@@ -88,7 +102,8 @@ def validate(
     else:
         for r in results:
             if r["ok"]:
-                typer.echo(f"ok: {r['file']} ({r['concepts']} concepts, {r['groups']} groups)")
+                images = "" if r["images_checked"] is None else f", {r['images_checked']} image files read"
+                typer.echo(f"ok: {r['file']} ({r['concepts']} concepts, {r['groups']} groups{images})")
             else:
                 error(r["error"])
     if not all(r["ok"] for r in results):

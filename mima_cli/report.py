@@ -221,7 +221,7 @@ def report_cmd(
     except EvaluationError as e:
         fail(e, EXIT_USAGE)
     if not pairs:
-        fail(f"no finished attack pairs in {rd}; run `mima attack` first", EXIT_FAILURE)
+        fail(f"no finished attack pairs in {rd}; run `mima attack` first", EXIT_USAGE)
     report = build_report(pairs, step)
     for r in report.refused:
         warn(f"randomly initialised backbone refused: {r}")

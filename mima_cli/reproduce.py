@@ -74,11 +74,14 @@ def reproduce_cmd(
     quick: bool = typer.Option(False, "--quick", help="First group only, methods mima, jt, cp."),
     shard: str = typer.Option(None, "--shard", metavar="i/n", help="Run every n-th group starting at the i-th."),
     set_: list[str] = SET_OPTION,
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: [model] device)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: \\[model] device)."),
     jobs: str = typer.Option("auto", "--jobs", "-j", metavar="N|auto", help=JOBS_HELP),
 ) -> None:
     """Run a profile's whole experiment: UCE erase, immunize each group with each method, attack both twins,
     evaluate, and print the tables. Finished runs are skipped, so re-running resumes (also sharded, across days).
+
+    Profile sections read: all of them — \\[model], \\[erase], \\[\\[concepts]] (prompts and their three image sets),
+    \\[regularization], \\[groups], \\[immunize], \\[attack] and \\[eval]. Every image set is checked before any work.
 
     Example: mima reproduce --profile testbed-relearn --shard 1/2
     """
@@ -88,7 +91,7 @@ def reproduce_cmd(
 def demo_cmd(
     ctx: typer.Context,
     set_: list[str] = SET_OPTION,
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: [model] device)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: \\[model] device)."),
     jobs: str = typer.Option("auto", "--jobs", "-j", metavar="N|auto", help=JOBS_HELP),
 ) -> None:
     """The testbed demo: `mima reproduce --profile testbed --quick` (about 4 minutes on 2 CPU cores with --jobs auto).

@@ -157,7 +157,7 @@ def test_control_pair_is_the_none_row_with_msgr_zero(built, tmp_path):
     (["--method", "lorra"], 2, "unknown attack 'lorra'; did you mean 'lora'?"),
     (["--run", "erase"], 2, "is not an immunization run"),
     (["--run", "nope-nothing"], 2, "no run matches 'nope-nothing'"),
-    (["--set", 'concepts.0.images.attack={folder = "/nonexistent/imgs"}'], 2, "/nonexistent/imgs: image folder not found"),
+    (["--set", 'concepts.0.images.attack={folder = "/nonexistent/imgs"}'], 2, "concepts.0.images.attack (concept 'strieker'): folder '/nonexistent/imgs' does not exist"),
     (["--set", "attack.nope=1"], 2, "unknown key 'nope'"),
 ])
 def test_bad_input_is_one_line(built, args, code, message):
@@ -220,3 +220,27 @@ def test_twin_parts_are_interleaved_slices_of_the_concepts(built, tmp_path):
     assert len(attack_runs(runs)) == before
     with pytest.raises(ValueError, match="only with twin_only"):
         plan_attack(runs, run=built["mima"], part=(1, 2))
+
+
+def test_save_weights_never_leaves_the_cached_twin_without_weights(built, tmp_path):
+    """The twin of the built runs was attacked without --save-weights: with it, the cache does not serve that twin
+    (it holds no weights) but attacks the unimmunized model again, saving both sides, and says so; a later
+    --save-weights attack then reuses the twin that kept its weights."""
+    from engine.attack_runs import weights_dir
+
+    runs = copy_runs(built, tmp_path)
+    _, (old_twin,) = _pairs(built)
+    res = invoke("--runs-dir", runs, "attack", "--run", built["jt"], "--method", "lora", "--save-weights", "--no-eval")
+    assert res.exit_code == 0, res.output
+    assert f"the cached unimmunized attack {old_twin['id']} kept no weights" in res.output and "(cached)" not in res.output
+    new = [r for r in attack_runs(runs) if r["id"] not in {a["id"] for a in attack_runs(built["runs"])}]
+    (twin,) = [r for r in new if not r["extra"]["immunized"]]
+    (imm,) = [r for r in new if r["extra"]["immunized"]]
+    assert imm["twin"] == twin["id"]
+    for run in (twin, imm):
+        for c in CONCEPTS:
+            assert (weights_dir(run["dir"], c) / "mima_attack.json").exists(), (run["id"], c)
+    again = invoke("--runs-dir", runs, "attack", "--run", built["mima"], "--method", "lora", "--save-weights",
+                   "--no-eval")
+    assert again.exit_code == 0, again.output
+    assert f"twin {twin['id']} (cached)" in again.output and "kept no weights" not in again.output

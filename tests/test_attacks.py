@@ -205,3 +205,40 @@ def test_new_token_must_be_new(base_dir):
     job = replace(make_job(fresh(base_dir), "textual-inversion"), prompt="a photo of cat", token="cat")
     with pytest.raises(ValueError, match="already in the tokenizer"):
         run_attack(job)
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_custom_diffusion_readme_loader_reproduces_mimas_image(base_dir, tmp_path):
+    """The README written beside Custom Diffusion weights, run as written in a process that never imports mima's CLI,
+    draws mima's own last evaluation image of the attacked model (diffusers' load_attn_procs alone would not)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.sampling import generate
+
+    pipe = fresh(base_dir)
+    job = replace(make_job(pipe, "custom-diffusion"), base=str(base_dir), eval_at_start=False)
+    result = run_attack(job, out=tmp_path / "out")
+    mimas = result.eval_images[max(result.eval_images)][0]
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "load_attn_procs" in readme and "load_custom_diffusion" in readme
+    (code,) = _python_blocks(readme)
+    code += ("\nimport sys, numpy as np\n"
+             "assert not any(m == 'mima_cli' or m.startswith('mima_cli.') for m in sys.modules)\n"
+             f"np.save({str(tmp_path / 'image.npy')!r}, np.asarray(image))\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    loaded = np.load(tmp_path / "image.npy").astype(int)
+    unattacked = generate(fresh(base_dir), job.eval_text, job.eval_seeds[:1], job.sample_steps, job.guidance)[0]
+    assert np.abs(loaded - mimas).max() <= 1  # mima's image (up to rounding to 8 bits)
+    assert np.abs(unattacked.astype(int) - mimas).max() > 8  # the weights matter: a loader that ignored them fails

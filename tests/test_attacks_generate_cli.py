@@ -53,6 +53,23 @@ def test_generate_writes_pngs_and_metadata(pipe_dir, tmp_path):
 
 def test_generate_missing_model_is_one_line(tmp_path):
     result = run("--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input, as an unknown run or a bad profile value
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]
+
+
+def test_generate_accepts_a_run_id(built, tmp_path):
+    """--model takes a run as its help says: its id (or `latest`) in --runs-dir, drawing the run's own model."""
+    from engine.models import load_pipeline
+    from engine.sampling import generate
+
+    out = tmp_path / "set"
+    result = CliRunner().invoke(app, ["--runs-dir", str(built["runs"]), "generate", "--model", built["mima"],
+                                      "--prompt", "an artwork of strieker", "--n", "1", "--steps", "2", "--out",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    expected = generate(load_pipeline(built["runs"] / built["mima"]), "an artwork of strieker", [0], 2, 7.5)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "00000.png")), expected[0])
+    unknown = CliRunner().invoke(app, ["--runs-dir", str(tmp_path / "empty"), "generate", "--model", "nope",
+                                          "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert unknown.exit_code == 2 and "nope" in unknown.output

@@ -249,3 +249,51 @@ def test_explicit_flags_only_apply_when_given(tmp_path):
     result = runner.invoke(flag_app, ["run", str(profile), "--set", "immunize.steps=60", "--steps", "70"])
     assert result.exit_code == 0, result.output
     assert seen["steps"] == 70 and seen["inner_lr"] == 1e-4
+
+
+# ---------------------------------------------------------------------------------------- reliability
+
+
+def test_set_errors_name_the_flag_not_the_file(tiny_profile):
+    result = invoke("profiles", "validate", str(tiny_profile), "--set", "immunize.steps=0")
+    assert result.exit_code == 2
+    line = assert_one_error_line(result, "--set immunize.steps=0: immunize.steps:", "greater than or equal to 1")
+    assert str(tiny_profile) not in line
+    result = invoke("profiles", "validate", str(tiny_profile), "--set", "attack.lr=nan")
+    assert result.exit_code == 2
+    assert_one_error_line(result, "--set attack.lr=nan", "finite")
+    (tiny_profile.parent / "inf.toml").write_text(tiny_profile.read_text().replace("outer_lr = 1e-3", "outer_lr = inf"))
+    result = invoke("profiles", "validate", str(tiny_profile.parent / "inf.toml"))
+    assert result.exit_code == 2
+    assert_one_error_line(result, "inf.toml: immunize.outer_lr: expected a finite number, got inf")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["runs", "show", "nope"], "no run"),
+    (["immunize", "--resume", "nope"], "no run"),
+    (["attack", "--run", "nope"], "no run"),
+    (["report"], "no finished attack pairs"),
+    (["generate", "--model", "no/such-model", "--prompt", "x", "--out", "o"], "no/such-model"),
+    (["generate", "--device", "nonsense", "--prompt", "x", "--out", "o"], "nonsense"),
+    (["immunize", "--device", "nonsense", "--set", "erase.method='none'"], "nonsense"),
+])
+def test_usage_errors_exit_2_in_every_command(tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--runs-dir", str(tmp_path / "runs"), *args)
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result, fragment)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("command, sections", [
+    ("immunize", ["[model]", "[erase]", "[[concepts]]", "[regularization]", "[groups]", "[immunize]"]),
+    ("erase", ["[model]", "[erase]", "[[concepts]]", "[groups]"]),
+    ("reproduce", ["[model]", "[erase]", "[[concepts]]", "[regularization]", "[groups]", "[immunize]", "[attack]",
+                   "[eval]"]),
+])
+def test_help_lists_the_profile_sections_read(command, sections):
+    result = invoke(command, "--help", terminal_width=200)
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if "Profile sections read" in line)
+    text = " ".join(result.output.split()).split("Profile sections read")[1]
+    assert line and all(s in text for s in sections), text[:300]

@@ -114,3 +114,93 @@ def test_erase_drops_erased_prompts_from_preserve(tmp_path, tiny_profile):
     assert rows_every == rows_others
     for k in every:
         torch.testing.assert_close(every[k], others[k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- reliability
+
+
+def _checkpoint_tensors(run_dir):
+    from safetensors.torch import load_file
+
+    return [load_file(f) for f in sorted((run_dir / "checkpoints").glob("step-*/unet_changed.safetensors"))]
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny_profile, tiny_pipeline_dir):
+    """An outer step that makes the weights infinite (inf learning rate, set past the profile's validation):
+    the run stops with a message naming what the checkpoints hold, and no checkpoint holds a non-finite tensor."""
+    from engine.immunize.runner import ImmunizationError, immunize
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.steps=3", "immunize.checkpoint_every=1", "immunize.sample_every=0"])
+    p.immunize.outer_lr = float("inf")
+    runs = tmp_path / "runs"
+    with pytest.raises(ImmunizationError, match=r"weights after step 1 are not finite.*no checkpoint was kept"):
+        immunize(p, runs_dir=runs, group="g2", parent=str(tiny_pipeline_dir))
+    (imm,) = _runs(runs, "immunize")
+    assert imm["state"] == "failed"
+    assert _checkpoint_tensors(runs / imm["id"]) == []
+    assert not (runs / imm["id"] / "checkpoints" / "latest").exists()
+
+
+def test_divergence_keeps_the_last_finite_checkpoint_and_names_its_step(tmp_path, tiny_profile, tiny_pipeline_dir):
+    """A huge but finite learning rate: step 1's weights are finite and checkpointed, step 2's loss is not; the
+    message names step 1, the checkpoint on disk holds step 1 and every tensor in it is finite."""
+    from engine.immunize.runner import ImmunizationError, checkpoint_step, immunize
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.steps=3", "immunize.outer_lr=1e30", "immunize.sample_every=0",
+                                    "immunize.checkpoint_every=0"])
+    runs = tmp_path / "runs"
+    with pytest.raises(ImmunizationError, match=r"at step 2; the last good checkpoint holds step 1$"):
+        immunize(p, runs_dir=runs, group="g2", parent=str(tiny_pipeline_dir))
+    (imm,) = _runs(runs, "immunize")
+    assert checkpoint_step(runs / imm["id"]) == 1
+    (tensors,) = _checkpoint_tensors(runs / imm["id"])
+    assert tensors and all(bool(torch.isfinite(v).all()) for v in tensors.values())
+
+
+def test_inf_on_the_command_line_is_a_profile_error(tmp_path, tiny_profile):
+    runs = tmp_path / "runs"
+    res = runner.invoke(app, ["--runs-dir", str(runs), "immunize", "-p", str(tiny_profile), "-g", "g2",
+                              "--set", "immunize.outer_lr=inf"])
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert line == "error: --set immunize.outer_lr=inf: expected a finite number, got inf" or (
+        "--set immunize.outer_lr=inf" in line and "finite" in line and "\n" not in line), res.output
+    assert not runs.exists()  # refused before any run (the erase included) was written
+
+
+def test_unknown_method_suggests_and_none_is_explained(tmp_path, tiny_profile):
+    res = runner.invoke(app, ["--runs-dir", str(tmp_path), "immunize", "-p", str(tiny_profile), "-m", "mimma"])
+    assert res.exit_code == 2 and "did you mean 'mima'?" in res.output
+    res = runner.invoke(app, ["--runs-dir", str(tmp_path), "immunize", "-p", str(tiny_profile), "-m", "none"])
+    assert res.exit_code == 2 and "mima attack --control" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_resume_of_an_unknown_run_is_a_usage_error(tmp_path):
+    res = runner.invoke(app, ["--runs-dir", str(tmp_path), "immunize", "--resume", "nope"])
+    assert res.exit_code == 2 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_ctrl_c_names_the_resume_command(tmp_path, tiny_profile, tiny_pipeline_dir, monkeypatch):
+    """Ctrl-C after step 1 (the deferred interrupt flag set by the first step): exit 130 and the exact command."""
+    from engine.immunize import runner as imm_runner
+
+    real = imm_runner.outer_step
+
+    def step_then_ctrl_c(setup, opt, profile, step):
+        stats = real(setup, opt, profile, step)
+        import signal
+
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what a Ctrl-C during the step does
+        return stats
+
+    monkeypatch.setattr(imm_runner, "outer_step", step_then_ctrl_c)
+    runs = tmp_path / "my runs"
+    res = runner.invoke(app, ["--runs-dir", str(runs), "immunize", "-p", str(tiny_profile), "-g", "g2",
+                              "--parent", str(tiny_pipeline_dir), "--set", "immunize.sample_every=0"])
+    assert res.exit_code == 130, res.output
+    (imm,) = _runs(runs, "immunize")
+    assert imm["state"] == "interrupted"
+    assert f"resume with: mima --runs-dir '{runs}' immunize --resume {imm['id']}" in res.output
+    assert "checkpoint holds step 1" in res.output

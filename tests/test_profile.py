@@ -348,3 +348,14 @@ def test_caption_sampling_is_seeded():
     a = p.regularization_captions()
     assert len(a) == 200 and a == p.regularization_captions()
     assert sample_captions(read_captions(), 200, 1) != a
+
+
+def test_non_finite_numbers_are_refused_in_the_file_and_in_overrides():
+    for text, field in [("[immunize]\nouter_lr = inf\n", "immunize.outer_lr"), ("[model]\nguidance = nan\n", "model.guidance"),
+                        ("[attack.by_method.lora]\nlr = -inf\n", "attack.by_method.lora.lr")]:
+        with pytest.raises(ProfileError) as e:
+            parse_profile(text, path="p.toml")
+        assert str(e.value) == f"p.toml: {field}: expected a finite number, got {text.split('= ')[1].strip()}"
+    with pytest.raises(ProfileError) as e:
+        parse_profile("", path="p.toml", overrides=["immunize.inner_lr=nan"])
+    assert str(e.value) == "--set immunize.inner_lr=nan: immunize.inner_lr: expected a finite number, got nan"

@@ -117,7 +117,7 @@ def test_control_pair_is_the_none_row(built, tmp_path):
 
 def test_empty_and_bad_refs_are_one_line(tmp_path, built):
     res = invoke("--runs-dir", tmp_path, "report")
-    assert res.exit_code == 1 and res.stderr.strip().startswith("error: no finished attack pairs")
+    assert res.exit_code == 2 and res.stderr.strip().startswith("error: no finished attack pairs")
     res = invoke("--runs-dir", built["runs"], "report", "erase")
     assert res.exit_code == 2 and "expected an attack, immunization or evaluate run" in res.stderr
 

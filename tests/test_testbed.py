@@ -173,7 +173,9 @@ def test_tiny_build_trains_exports_and_resumes(tmp_path):
     assert pipe.text_encoder.config.hidden_size == TINY.text_width
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the latents
     pipe.set_progress_bar_config(disable=True)
-    img = generate(pipe.to(torch.float32), "an artwork of ringo", [0], steps=2, guidance=2.0)
+    # exported in one dtype: plain from_pretrained generates without a cast
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.float32}
+    img = generate(pipe, "an artwork of ringo", [0], steps=2, guidance=2.0)
     assert img.shape == (1, 64, 64, 3)
     # a second call finds every stage done and changes nothing
     before = (tmp_path / "unet.ckpt").stat().st_mtime_ns
@@ -388,3 +390,58 @@ def test_build_set_changes_the_configuration_a_folder_resumes_with(tmp_path):
     assert again.exit_code == 2 and "another configuration" in again.output
     bad = CliRunner().invoke(app, ["testbed", "build", "--tiny", "--out", str(tmp_path / "c"), "--set", "nope=1"])
     assert bad.exit_code == 2 and "unknown testbed setting 'nope'" in bad.output and "Traceback" not in bad.output
+
+
+def test_build_set_refuses_non_finite_numbers():
+    from engine.testbed.build import DEFAULT
+
+    for bad in ("unet_lr=inf", "vae_lr=nan", "unet_mix=[0.5, inf, 0.1, 0.1]"):
+        with pytest.raises(ValueError, match=r"expected a finite number"):
+            DEFAULT.with_overrides([bad])
+
+
+def _readme_block(marker: str) -> str:
+    """The ```python block of README.md that contains ``marker``, as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if marker in b]
+    assert len(blocks) == 1, f"expected one README python block with {marker!r}, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_readme_plain_diffusers_snippet_runs_without_mima(tmp_path):
+    """The README's plain-diffusers snippet, as written, in a fresh process that never imports mima's CLI: it loads
+    the shipped testbed and generates (a text encoder stored in another dtype than the rest made this crash)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    snippet = _readme_block("engine.testbed.PIPELINE_DIR")
+    assert "image = pipe(" in snippet
+    check = ("\nimport sys, numpy as np\n"
+             "assert not any(m == 'mima_cli' or m.startswith('mima_cli.') for m in sys.modules)\n"
+             "dtypes = {str(p.dtype) for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()}\n"
+             "assert dtypes == {'torch.float32'}, dtypes\n"
+             "a = np.asarray(image)\n"
+             "assert a.shape == (64, 64, 3) and a.std() > 5, (a.shape, a.std())\n"
+             "print('snippet ok')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", snippet + check], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "snippet ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_shipped_pipeline_is_stored_in_one_dtype():
+    from safetensors import safe_open
+
+    from engine.testbed import PIPELINE_DIR
+
+    for name in ("unet", "vae", "text_encoder"):
+        (path,) = (PIPELINE_DIR / name).glob("*.safetensors")
+        with safe_open(path, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}, name
+    assert json.loads((PIPELINE_DIR / "text_encoder" / "config.json").read_text())["dtype"] == "float32"

@@ -278,3 +278,27 @@ def test_long_histories_are_posted_in_chunks(tmp_path):
     for b in batches:
         data.apply(b.events)
     assert len(data.scalars["outer_loss"]) == 25
+
+
+def test_compare_cells_fill_the_twin_column_of_an_intact_attack_pair(built):
+    """An attack pair's metrics are all logged in the immunized run (tagged pair=T/A, r-T/r-A): the Compare tab puts
+    each side in its column, from either run's screen, so the twin column is not blank."""
+    from engine.runs import RunReader
+    from mima_cli.tui.data import MetricTable, compare_cells
+
+    from attack_helpers import attack_runs
+
+    (imm,) = [r for r in attack_runs(built["runs"]) if r["extra"]["immunized"] and r["parent"] == built["mima"]]
+    events = [e for e in RunReader(imm["dir"]).events("metric")]
+    mine = MetricTable.build(events).latest()
+    twin = MetricTable.build([e for e in RunReader(built["runs"] / imm["twin"]).events("metric")]).latest()
+    assert twin == {}  # the unimmunized run logs no metrics of its own
+    cells = compare_cells(mine, twin)
+    paired = {k: v for k, v in cells.items() if "pair=T|A" in k[1]}
+    assert paired and all(this is not None and other is not None for this, other in paired.values())
+    acc = {e["tags"]["pair"]: e["value"] for e in events
+           if e["name"] == "sim/judge-acc/strieker" and e["tags"]["pair"] in ("T", "A") and e["step"] == 2}
+    ((_, qualifiers, _),) = [k for k in paired if k[0] == "strieker" and k[2] == "judge-acc"]
+    assert cells[("strieker", qualifiers, "judge-acc")] == [acc["T"], acc["A"]]
+    # seen from the twin's screen, the sides swap
+    assert compare_cells(twin, mine)[("strieker", qualifiers, "judge-acc")] == [acc["A"], acc["T"]]

@@ -10,7 +10,9 @@ Output, in the example's format:
 
 - ``pytorch_custom_diffusion_weights.safetensors`` — ``<layer>.processor.to_{k,v}_custom_diffusion.weight``, what
   ``unet.save_attn_procs`` writes;
-- ``learned_embeds.safetensors`` — ``{token: [1, c]}``, read by ``pipe.load_textual_inversion(folder)``.
+- ``learned_embeds.safetensors`` — ``{token: [1, c]}``, read by ``pipe.load_textual_inversion(folder)``;
+- ``README.md`` — how to load the two into a plain diffusers pipeline (:func:`load_custom_diffusion`), with the
+  prompt, seed and sampler of mima's last evaluation image.
 
 diffusers documents ``pipe.unet.load_attn_procs(folder, weight_name="pytorch_custom_diffusion_weights.safetensors")``
 for the first file, but in diffusers 0.42 that call silently leaves the UNet unchanged (it installs the processors
@@ -31,6 +33,24 @@ from .common import AttackJob, Trainable, learn_new_token, register, save_token_
 from .textual_inversion import load_token_embedding
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
+
+README = """# Custom Diffusion weights (written by mima)
+
+`{weights}` holds the fine-tuned key/value projections of every cross-attention layer,
+`learned_embeds.safetensors` the modifier token `{token}`. diffusers 0.42's
+`pipe.unet.load_attn_procs(folder, weight_name=...)` accepts this file but leaves the UNet unchanged (with
+`_pipeline=` it refuses it), so load it with mima's loader, `engine.attacks.custom_diffusion.load_custom_diffusion`
+(importable without the CLI):
+
+```python
+import torch
+from engine.attacks.custom_diffusion import load_custom_diffusion
+{load_lines}
+load_custom_diffusion(pipe, {folder!r})
+image = pipe({prompt!r}, num_inference_steps={steps}, guidance_scale={guidance},
+             generator=torch.Generator().manual_seed({seed})).images[0]  # mima's evaluation image of seed {seed}
+```
+"""
 
 
 def _processor_classes():
@@ -100,6 +120,31 @@ def load_custom_diffusion(pipe, folder: Path) -> None:
         load_token_embedding(pipe, folder)
 
 
+def _load_lines(base: str | None) -> str:
+    """Python lines that open the attacked model ``base`` as ``pipe``: plain diffusers for a pipeline folder."""
+    from ..models import ModelNotAvailable, resolve_model
+
+    try:
+        folder = resolve_model(base) if base else None
+    except (ModelNotAvailable, FileNotFoundError):
+        folder = None
+    if folder is not None and (folder / "model_index.json").exists():
+        return ("from diffusers import StableDiffusionPipeline\n\n"
+                f"pipe = StableDiffusionPipeline.from_pretrained({str(folder.resolve())!r})  # the attacked model\n")
+    if base:  # a mima model folder that completes its base (engine.models opens it)
+        ref = str(Path(base).resolve()) if Path(base).exists() else str(base)
+        return f"from engine.models import load_pipeline\n\npipe = load_pipeline({ref!r})  # the attacked model\n"
+    return ("from diffusers import StableDiffusionPipeline\n\n"
+            "pipe = StableDiffusionPipeline.from_pretrained(...)  # the attacked model\n")
+
+
+def readme(job: AttackJob, folder: Path) -> str:
+    """The ``README.md`` beside the weights: how to load them and draw mima's last evaluation image."""
+    return README.format(weights=WEIGHT_NAME, token=job.token, load_lines=_load_lines(job.base),
+                         folder=str(Path(folder).resolve()), prompt=job.eval_text, steps=job.sample_steps,
+                         guidance=job.guidance, seed=job.eval_seeds[0])
+
+
 @register("custom-diffusion")
 class CustomDiffusion:
     adds_token = True
@@ -117,6 +162,7 @@ class CustomDiffusion:
 
         save_file(custom_diffusion_state_dict(pipe.unet), folder / WEIGHT_NAME, metadata={"format": "pt"})
         save_token_embedding(pipe, job.token, folder)
+        (folder / "README.md").write_text(readme(job, folder), encoding="utf-8")
 
     def load(self, pipe, folder: Path) -> None:
         load_custom_diffusion(pipe, folder)

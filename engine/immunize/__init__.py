@@ -8,9 +8,12 @@ method is one new module that calls :func:`register`. :func:`engine.immunize.run
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from typing import Literal
+
+from ..errors import UsageError
 
 METHODS: dict[str, MethodSpec] = {}
 
@@ -31,9 +34,19 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+class UnknownMethod(ValueError, UsageError):
+    """An immunization method that is not registered (the message suggests the closest name)."""
+
+
 def get_method(name: str) -> MethodSpec:
+    if name == "none":
+        raise UnknownMethod("immunization method 'none' is no immunization, so there is nothing to run: the report's "
+                            "'none' row attacks the unimmunized model twice (`mima attack --control`, which `mima "
+                            f"reproduce` runs); choose from {', '.join(sorted(METHODS))}")
     if name not in METHODS:
-        raise ValueError(f"unknown immunization method {name!r}; expected one of {', '.join(sorted(METHODS))}")
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(sorted(METHODS))}"
+        raise UnknownMethod(f"unknown immunization method '{name}'; {hint}")
     return METHODS[name]
 
 

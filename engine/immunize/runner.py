@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import load_image_set
+from ..data import check_image_sets, load_image_set, profile_image_sets
 from ..diffusion import concept_rows, seeded_generator, encode_images, encode_prompts, prompts_rows, training_scheduler
 from ..editing import merge_projector
+from ..errors import UsageError
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
 from . import MethodSpec, get_method
@@ -34,6 +35,19 @@ SAMPLE_SEEDS = (1000, 1001, 1002, 1003)
 
 class ImmunizationError(RuntimeError):
     pass
+
+
+class ImmunizationUsageError(ImmunizationError, ValueError, UsageError):
+    """Bad input rather than a failure: a run that cannot be resumed, a method that does not exist (the CLI exits 2)."""
+
+
+class ImmunizationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an immunization run: ``run_id`` and the step its last checkpoint holds (None: no checkpoint)."""
+
+    def __init__(self, run_id: str, step: int | None):
+        self.run_id, self.step = run_id, step
+        super().__init__(f"run {run_id} interrupted; "
+                         + (f"its checkpoint holds step {step}" if step else "it has no checkpoint yet"))
 
 
 @dataclass
@@ -197,30 +211,53 @@ def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
 def _check_finite(stats: StepStats, step: int) -> None:
     values = [stats.outer_loss, stats.prior_loss, stats.grad_norm, *stats.inner_loss.values()]
     if not all(np.isfinite(values)):
-        raise ImmunizationError(f"non-finite loss or gradient at step {step}; the last good checkpoint is kept")
+        raise ImmunizationError(f"non-finite loss or gradient at step {step}")
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+
+
+class NonFiniteCheckpoint(ImmunizationError):
+    """A checkpoint that was not written because some of its tensors are ``inf`` or ``nan``."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold an ``inf`` or ``nan``."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def changed_names(setup: Setup) -> list[str]:
     return sorted(set(setup.upper) | (set(setup.lower) if setup.spec.algorithm == "alternating" else set()))
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step that ``checkpoints/latest`` holds (None: no checkpoint)."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    return int(latest.read_text().strip().split("-")[1]) if latest.exists() else None
+
+
 def save_checkpoint(run_dir: Path, setup: Setup, opt, step: int) -> Path:
     """Write ``checkpoints/step-<k>/`` (changed parameters as safetensors + optimiser state), then point
-    ``checkpoints/latest`` at it atomically and drop older ones."""
+    ``checkpoints/latest`` at it atomically and drop older ones. Only finite tensors are written: otherwise
+    :class:`NonFiniteCheckpoint` is raised and the checkpoints on disk are left as they were."""
     from safetensors.torch import save_file
 
+    params = dict(setup.pipe.unet.named_parameters())
+    weights = {k: params[k].detach().contiguous().cpu() for k in changed_names(setup)}
+    state = opt.state_dict()
+    moments = {f"{i}.{k}": v for i, per in state["state"].items() for k, v in per.items() if torch.is_tensor(v)}
+    bad = non_finite(weights) + non_finite(moments)
+    if bad:
+        raise NonFiniteCheckpoint(f"the weights after step {step} are not finite ({len(non_finite(weights))} of "
+                                  f"{len(weights)} tensors, {len(non_finite(moments))} optimiser tensors), so they "
+                                  "were not saved")
     ck = run_dir / "checkpoints"
     folder = ck / f"step-{step:07d}"
     tmp = ck / f".tmp-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = dict(setup.pipe.unet.named_parameters())
-    save_file({k: params[k].detach().contiguous().cpu() for k in changed_names(setup)}, tmp / "unet_changed.safetensors",
-              metadata={"step": str(step)})
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    save_file(weights, tmp / "unet_changed.safetensors", metadata={"step": str(step)})
+    torch.save(state, tmp / "optimizer.pt")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     pointer = ck / "latest.tmp"
@@ -271,13 +308,14 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
     step_fn = outer_step
     params = dict(setup.pipe.unet.named_parameters())
     dev = next(iter(params.values())).device
-    step = start_step
+    step = done = start_step  # done: the last step whose update the weights hold
     try:
         for step in range(start_step + 1, s.steps + 1):
             t0 = time.perf_counter()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             stats = step_fn(setup, opt, profile, step)
+            done = step
             if logger is None:
                 if interrupt is not None and interrupt.hit:
                     raise KeyboardInterrupt
@@ -303,10 +341,18 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
             if interrupt is not None and interrupt.hit:
                 save_checkpoint(run_dir, setup, opt, step)
                 raise KeyboardInterrupt
-    except ImmunizationError:
-        if run_dir is not None:
-            save_checkpoint(run_dir, setup, opt, step - 1)
-        raise
+    except ImmunizationError as e:
+        if run_dir is None:
+            raise
+        why = str(e)
+        if not isinstance(e, NonFiniteCheckpoint) and done > (checkpoint_step(run_dir) or 0):
+            try:
+                save_checkpoint(run_dir, setup, opt, done)
+            except NonFiniteCheckpoint as refused:
+                why += f"; {refused}"
+        kept = checkpoint_step(run_dir)
+        raise ImmunizationError(why + (f"; the last good checkpoint holds step {kept}" if kept else
+                                       "; no checkpoint was kept (--resume starts again from step 0)")) from None
     return step
 
 
@@ -373,7 +419,7 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         run_dir = find_run(runs_dir, resume)
         st = read_status(run_dir)
         if st.get("kind") != "immunize":
-            raise ImmunizationError(f"{run_dir.name} is not an immunization run (kind {st.get('kind')!r})")
+            raise ImmunizationUsageError(f"{run_dir.name} is not an immunization run (kind {st.get('kind')!r})")
         from ..profile import load_profile
 
         profile = load_profile(run_dir / "profile.toml")
@@ -389,9 +435,10 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
         name = profile.immunize.imma_concept or targets[0].name
         chosen = [c for c in targets if c.name == name]
         if not chosen:
-            raise ImmunizationError(f"immunize.imma_concept {name!r} is not a target of group {group!r}")
+            raise ImmunizationUsageError(f"immunize.imma_concept {name!r} is not a target of group {group!r}")
         others = [c for c in targets if c.name != name] + others
         targets = chosen
+    check_image_sets(profile_image_sets(profile, [c.name for c in targets], ("immunize",)), path=profile_name)
     base = profile.model.base
     dev = process_device(pick_device(device or profile.model.device))
     split = current_split(cpu=dev.type != "cuda")
@@ -447,8 +494,11 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
                           f"merge anchor {profile.immunize.merge.anchor}, gradient {profile.immunize.gradient}"
                           + (f", concepts split across {split.world} processes" if split else "")
                           + (" (LABELLED REPRODUCTION of the released code's scheme)" if spec.algorithm == "alternating" else ""))
-        with _DeferredInterrupt() as intr:
-            last = run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
+        try:
+            with _DeferredInterrupt() as intr:
+                last = run_loop(setup, profile, writer, writer.dir, start, opt, progress, interrupt=intr)
+        except KeyboardInterrupt as e:
+            raise ImmunizationInterrupted(writer.dir.name, checkpoint_step(writer.dir)) from e
         save_checkpoint(writer.dir, setup, opt, last)
         if profile.immunize.gradient == "exact":
             pipe.unet.set_default_attn_processor()

@@ -75,18 +75,20 @@ class TestbedConfig:
 
     def with_overrides(self, items: list[str]) -> TestbedConfig:
         """A copy with ``key=value`` overrides (``unet_steps=20000``, ``unet_channels=[48, 96, 128]``); the value is a
-        TOML value of the field's type. Raises ``ValueError`` naming the item on an unknown key or a wrong type."""
-        from ..profile import parse_value
+        TOML value of the field's type, parsed as a profile's ``--set`` (no ``inf`` or ``nan``). Raises ``ValueError``
+        naming the item on an unknown key, a wrong type or a non-finite number."""
+        from ..profile import parse_assignment
 
         changes = {}
         for item in items:
-            key, sep, text = (part.strip() for part in item.partition("="))
-            if not sep or not key:
-                raise ValueError(f"--set '{item}': expected KEY=VALUE, e.g. unet_steps=20000")
+            try:
+                key, value = parse_assignment(item, example="unet_steps=20000")
+            except ValueError as e:
+                raise ValueError(f"--set '{item}': {e}") from None
             if key not in self.__dataclass_fields__ or key == "extra":
                 names = ", ".join(k for k in self.__dataclass_fields__ if k != "extra")
                 raise ValueError(f"--set '{item}': unknown testbed setting '{key}'; expected one of {names}")
-            current, value = getattr(self, key), parse_value(text)
+            current = getattr(self, key)
             like = current[0] if isinstance(current, tuple) else current
             values = value if isinstance(current, tuple) and isinstance(value, list) else [value]
             values = [float(v) if isinstance(like, float) and type(v) is int else v for v in values]

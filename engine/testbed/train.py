@@ -370,8 +370,10 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
         state.stepped(step, cfg.unet_steps)
 
 
-def export_pipeline(out: Path, cfg: TestbedConfig, folder: Path, dtype=torch.float16):
-    """Assemble the pipeline from the checkpoints (EMA weights) and save it as a diffusers folder."""
+def export_pipeline(out: Path, cfg: TestbedConfig, folder: Path, dtype=torch.float32):
+    """Assemble the pipeline from the checkpoints (EMA weights) and save it as a diffusers folder, every component
+    in ``dtype`` (float32: plain ``StableDiffusionPipeline.from_pretrained(folder)`` then runs in one dtype; the
+    transformers text encoder would otherwise load in the dtype it was stored in, the diffusers parts in float32)."""
     ck = _load(out / "unet.ckpt")
     unet, text = make_unet(cfg), _trained_text(out, cfg)
     unet.load_state_dict(ck["unet"])

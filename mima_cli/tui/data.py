@@ -407,3 +407,30 @@ def downsample(points: list[tuple[float, float]], limit: int) -> tuple[list[floa
         xs.append(chunk[-1][0])
         ys.append(sum(y for _, y in chunk) / len(chunk))
     return xs, ys
+
+
+# ------------------------------------------------------------------------------------------ compare cells
+
+_PAIR_SIDES = {"T": ("T|A", True), "A": ("T|A", False), "r-T": ("r-T|r-A", True), "r-A": ("r-T|r-A", False)}
+"""An attack pair's ``sim/`` events live in the immunized run, tagged with the side they measure: ``pair=T`` /
+``r-T`` the immunized run's own images, ``pair=A`` / ``r-A`` its twin's (see :mod:`engine.evaluate`)."""
+
+
+def compare_cells(mine: dict[tuple[str, str, str], Any],
+                  theirs: dict[tuple[str, str, str], Any]) -> dict[tuple[str, str, str], list[Any]]:
+    """``{(row, qualifiers, metric): [this run's value, the twin's]}`` from two :meth:`MetricTable.latest` tables.
+
+    A cell tagged with an attack pair's side goes to the run it measures, whichever of the two runs logged it, so
+    the twin column of an attack pair is filled from the immunized run's events (``pair=T|A`` names both sides)."""
+    cells: dict[tuple[str, str, str], list[Any]] = {}
+    for table, is_mine in ((mine, True), (theirs, False)):
+        for (row, qualifiers, metric), value in table.items():
+            tokens = qualifiers.split()
+            side = next((_PAIR_SIDES[t[5:]] for t in tokens if t.startswith("pair=") and t[5:] in _PAIR_SIDES), None)
+            if side is None:
+                cells.setdefault((row, qualifiers, metric), [None, None])[0 if is_mine else 1] = value
+                continue
+            label, own = side  # own: the value measures the run that logged it
+            kept = " ".join([*(t for t in tokens if not t.startswith("pair=")), f"pair={label}"])
+            cells.setdefault((row, kept, metric), [None, None])[0 if own == is_mine else 1] = value
+    return cells

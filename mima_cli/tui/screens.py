@@ -17,6 +17,7 @@ from mima_cli.tui.data import (
     PRIMARY_GROUPS,
     RunData,
     RunSummary,
+    compare_cells,
     fmt_duration,
     fmt_rate,
     fmt_value,
@@ -487,9 +488,7 @@ class RunScreen(SyncScreen):
             return
         for column in ("concept", "metric", "this", "twin", "Δ this−twin"):
             table.add_column(column)
-        for key in dict.fromkeys([*a, *b]):
-            row, qualifiers, metric = key
-            va, vb = a.get(key), b.get(key)
+        for (row, qualifiers, metric), (va, vb) in compare_cells(a, b).items():
             delta = ""
             if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
                 delta = fmt_value(float(va) - float(vb))

@@ -1,0 +1,12 @@
+"""The one base class that tells bad input from a failure.
+
+An exception that derives from :class:`UsageError` means the input was wrong — a profile value, a flag, a run id,
+a model reference, an image set — and the message says which; the CLI prints it as one line and exits 2. Anything
+else that escapes a command is a failure (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input rather than a failure (the CLI exits 2). Mixed into the engine's input errors."""
