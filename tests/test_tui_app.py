@@ -204,3 +204,24 @@ def test_serve_runs_the_same_command_for_each_browser(tmp_path):
     command = serve_command(tmp_path, "r1", "auto", 0.5)
     assert "-m mima_cli.app tui" in command and str(tmp_path.resolve()) in command
     assert "--images halfcell" in command and "--run r1" in command
+
+
+async def test_run_screen_shows_the_utility_line_from_the_run_directory(demo):
+    from engine.metrics.utility import Utility, UtilityPrompt, log_utility
+
+    demo.step(1)
+    prompts = [UtilityPrompt("Van Gogh", "an artwork of Van Gogh", "target", "Van Gogh"),
+               UtilityPrompt("Picasso", "an artwork of Picasso", "other", "Picasso")]
+    scores = {"model": {"Van Gogh": {"judge-acc": 0.0}, "Picasso": {"judge-acc": 0.1}},
+              "parent": {"Van Gogh": {"judge-acc": 0.9}, "Picasso": {"judge-acc": 1.0}}}
+    log_utility(demo.immunize, Utility(["judge-acc"], "judge-acc", 0.8, prompts, scores))
+    app = MimaTui(demo.attack.dir.parent, IDS["immunize"], interval=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        screen = app.screen
+        line = screen.query_one("#run-utility")
+        await until(pilot, lambda: "COLLAPSED" in str(line.render()), what="utility line")
+        assert "others 0.10 (parent 1.00)" in str(line.render()) and line.display
+    attack = MimaTui(demo.attack.dir.parent, IDS["attack"], interval=0.05)
+    async with attack.run_test(size=(160, 40)) as pilot:  # a run without a utility measurement: no line
+        await pilot.pause(0.3)
+        assert not attack.screen.query_one("#run-utility").display
