@@ -174,33 +174,36 @@ class UCEReport:
     erase_residual: float  # max relative distance of erased outputs to their targets
 
 
-def aligned_rows(text_encoder, tokenizer, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The erased prompt's rows after BOS through EOS and the target's rows at the same positions."""
+def aligned_rows(text_encoder, tokenizer, prompt: str, target: str, padding: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The erased prompt's rows after BOS through EOS (``padding``: through the last padding position too) and the
+    target's rows at the same positions."""
     from .diffusion import encode_prompts, eos_index
 
     emb = encode_prompts(text_encoder, tokenizer, [prompt, target])
-    end = eos_index(tokenizer, prompt) + 1
+    end = emb.shape[1] if padding else eos_index(tokenizer, prompt) + 1
     return emb[0, 1:end], emb[1, 1:end]
 
 
 @torch.no_grad()
 def uce_edit(unet, text_encoder, tokenizer, erase: Sequence[str], preserve: Sequence[str] = (), target: str = "",
-             lamb: float = 0.0, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> UCEReport:
+             lamb: float = 0.0, erase_scale: float = 1.0, preserve_scale: float = 1.0, padding: bool = False
+             ) -> UCEReport:
     """Erase the concept prompts ``erase`` from every ``attn2.to_k``/``attn2.to_v`` of ``unet``, in place.
 
     The edit is the smallest change of each weight (Frobenius) such that erased rows output what their aligned
     target rows output and preserved rows keep their outputs: UCE's closed form in the limit of large erase and
     preserve scales, solved by the merge's :func:`projector` (``R = I``). ``lamb > 0`` (relative, like ``mu``)
     gives UCE's penalised form ``lamb ||W - W_old||^2 + sum_e s_e ||W c_e - v_e||^2 + s_p sum_p ||W c_p - W_old c_p||^2``,
-    where the scales weight the rows.
+    where the scales weight the rows. ``padding``: the rows of the padding positions after EOS are edited too (a
+    causal text encoder carries the prompt there as well, and the UNet attends to every position).
     """
-    from .diffusion import concept_rows
     from .models import kv_layer_names
 
-    pairs = [aligned_rows(text_encoder, tokenizer, p, target) for p in erase]
+    pairs = [aligned_rows(text_encoder, tokenizer, p, target, padding) for p in erase]
     ce = torch.cat([a for a, _ in pairs]).double()
     ct = torch.cat([b for _, b in pairs]).double()
-    cp_list = [concept_rows(text_encoder, tokenizer, p).double() for p in preserve]
+    cp_list = [aligned_rows(text_encoder, tokenizer, p, p, padding)[0].double() for p in preserve]
     cp = torch.cat(cp_list) if cp_list else ce.new_zeros(0, ce.shape[1])
     if cp.numel():  # a row a preserved prompt also has (a shared prefix like "an artwork of") is preserved
         scale = float(torch.cat([ce, cp]).abs().max())

@@ -41,7 +41,7 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
         erased = {c.prompt.strip() for c in concepts}
         preserve = [p for p in e.preserve or [c.prompt for c in profile.concepts] if p.strip() not in erased]
         report = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, [c.prompt for c in concepts], preserve,
-                          e.target, e.lamb, e.erase_scale, e.preserve_scale)
+                          e.target, e.lamb, e.erase_scale, e.preserve_scale, e.padding)
         for key, value in vars(report).items():
             run.log_metric(f"uce/{key}", value)
         run.log_status(f"UCE: {report.erased_rows} erased + {report.preserved_rows} preserved rows in width "

@@ -332,6 +332,9 @@ class EraseSection(_Strict):
     lamb: float = Field(default=0.1, ge=0.0)
     erase_scale: float = Field(default=1.0, ge=0.0)
     preserve_scale: float = Field(default=1.0, ge=0.0)
+    padding: bool = False
+    """Also edit the rows of the padding positions after EOS: a causal text encoder carries the prompt there too, and
+    the UNet attends to every position (False = UCE's own edit of the prompt's tokens through EOS)."""
 
 
 # ---------------------------------------------------------------------------------- regularization

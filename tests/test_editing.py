@@ -147,3 +147,25 @@ def test_uce_beyond_the_width_reports_drift():
     assert report.dependent
     assert 0 < report.preserve_drift < float("inf")
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+
+
+def test_uce_with_padding_also_erases_the_positions_after_eos():
+    """A causal text encoder carries the prompt into the padding positions the UNet attends to: ``padding=True``
+    edits those rows too (the erased prompt's padding rows then output the empty prompt's), ``False`` leaves them."""
+    from engine.diffusion import encode_prompts, eos_index
+    from engine.models import kv_layer_names
+
+    erase = "an artwork of strieker"
+    results = {}
+    for padding in (False, True):
+        pipe = _tiny_pipe()
+        emb = encode_prompts(pipe.text_encoder, pipe.tokenizer, [erase, ""]).double()
+        end = eos_index(pipe.tokenizer, erase) + 1
+        pad, pad_target = emb[0, end:], emb[1, end:]
+        params = dict(pipe.unet.named_parameters())
+        k = kv_layer_names(pipe.unet)[0]
+        want = pad_target @ params[k].detach().double().T
+        uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, [erase], ["a photo of a star"], padding=padding)
+        got = pad @ params[k].detach().double().T
+        results[padding] = float((got - want).norm() / want.norm())
+    assert results[True] < 1e-3 < results[False]
