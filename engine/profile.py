@@ -412,7 +412,8 @@ class ImmunizeSection(_Strict):
     """Save a checkpoint every N steps (0 = only the final weights)."""
     resolution: int = Field(default=512, ge=8)
     imma_adaptation: Literal["unet", "xattn-kv", "lora"] = "unet"
-    """IMMA's lower-level adaptation: DreamBooth, Custom Diffusion or a fresh LoRA."""
+    """IMMA's lower-level adaptation: DreamBooth (``unet``) or Custom Diffusion (``xattn-kv``); ``lora`` (a fresh
+    LoRA adapter) is refused: it is not implemented yet."""
     imma_concept: str | None = None
     """IMMA immunizes one concept; None = the first target of the group."""
     preserve_weight: float = Field(default=0.0, ge=0.0)
@@ -431,6 +432,14 @@ class ImmunizeSection(_Strict):
     once a concept's loss is above it)."""
     ascent_cap: float = Field(default=1.0, gt=0.0)
     """The cap of ``ascent = "capped"`` (1.0: the loss of predicting zero noise)."""
+
+    @field_validator("imma_adaptation")
+    @classmethod
+    def _imma_adaptation(cls, value: str) -> str:
+        if value == "lora":
+            raise ValueError("'lora' is not implemented yet (it used to fall back to the lower set silently); "
+                             "use 'unet' (DreamBooth) or 'xattn-kv' (Custom Diffusion)")
+        return value
 
     @property
     def lower_set(self) -> str:

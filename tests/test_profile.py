@@ -359,3 +359,11 @@ def test_non_finite_numbers_are_refused_in_the_file_and_in_overrides():
     with pytest.raises(ProfileError) as e:
         parse_profile("", path="p.toml", overrides=["immunize.inner_lr=nan"])
     assert str(e.value) == "--set immunize.inner_lr=nan: immunize.inner_lr: expected a finite number, got nan"
+
+
+def test_imma_lora_adaptation_is_refused_not_silently_replaced():
+    from engine.profile import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match="imma_adaptation.*not implemented"):
+        load_profile("testbed", ['immunize.imma_adaptation="lora"'])
+    assert load_profile("testbed", ['immunize.imma_adaptation="xattn-kv"']).immunize.imma_adaptation == "xattn-kv"

@@ -89,7 +89,7 @@ def lower_set(spec: MethodSpec, s) -> str:
     """The lower-level parameter set: the method's own, IMMA's adaptation, or ``[immunize] lower``."""
     if spec.lower:
         return spec.lower
-    if spec.name == "imma" and s.imma_adaptation != "lora":
+    if spec.name == "imma":
         return s.imma_adaptation
     return s.lower_set
 
