@@ -94,7 +94,7 @@ def demo_cmd(
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: \\[model] device)."),
     jobs: str = typer.Option("auto", "--jobs", "-j", metavar="N|auto", help=JOBS_HELP),
 ) -> None:
-    """The testbed demo: `mima reproduce --profile testbed --quick` (about 4 minutes on 2 CPU cores with --jobs auto).
+    """The testbed demo: `mima reproduce --profile testbed --quick` (about 6 minutes on 2 CPU cores, utility included).
 
     Example: mima demo
     """
