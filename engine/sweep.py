@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -87,14 +86,9 @@ def settings_grid(sets: Sequence[str]) -> list[dict[str, str]]:
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
-
-
 def points_of(runs_dir: Path, setting: dict[str, str], immunize_runs: Sequence[Path]) -> list[Point]:
     """The :class:`Point` of each immunization run (its attack pairs averaged over attacks)."""
-    from .report import collect_pairs
+    from .report import _mean, collect_pairs
 
     pairs = collect_pairs(runs_dir, [r.name for r in immunize_runs]) if immunize_runs else []
     out = []
