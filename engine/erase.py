@@ -9,6 +9,12 @@ from .editing import uce_edit
 from .profile import Profile
 
 
+def erase_others(profile: Profile, group: str | None, erased: list[str]) -> list[str]:
+    """The concepts an erase keeps, as its utility counts them: the group's others (every concept without a
+    group), less the erased ones."""
+    return [c.name for c in (profile.group(group).others if group else profile.concepts) if c.name not in erased]
+
+
 def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, profile_name: str | None = None,
           device: str | None = None, progress=None) -> Path:
     """Erase ``[erase] concepts`` (default: the group's targets) from ``[model] base`` with UCE; returns the run dir.
@@ -57,9 +63,7 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
         if profile.utility.enabled:  # also caches the base's and the erased model's utility images for immunize
             from .metrics.utility import measure_run_utility
 
-            names = {c.name for c in concepts}
-            others = [c.name for c in (profile.group(group).others if group else profile.concepts)
-                      if c.name not in names]
+            others = erase_others(profile, group, [c.name for c in concepts])
             base_source = (lambda: load_pipeline(base, dev, dtype), base_hash)
             run.set_phase("utility")
             measure_run_utility(run, profile, [c.name for c in concepts], others, model=(lambda: pipe, erased_hash),

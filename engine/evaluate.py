@@ -503,10 +503,10 @@ def evaluate_utility(runs_dir: str | Path, ref: str, *, profile: Any = None, gro
         if kind == "immunize":
             others = list(extra.get("others") or [])
             parent_ref = parent or extra.get("parent_model") or profile.model.base
-        else:
-            grp = profile.group(group) if group else None
-            targets = grp.target_names if grp else targets
-            others = grp.other_names if grp else [c for c in profile.concept_names if c not in targets]
+        else:  # the erased concepts and what the erase kept, as the erase run measured them
+            from engine.erase import erase_others
+
+            others = erase_others(profile, group, targets)
             parent_ref = parent or profile.model.base
         model_ref, profile_name, model_run = str(run_dir), st.get("profile"), run_dir.name
     else:
