@@ -432,6 +432,15 @@ class ImmunizeSection(_Strict):
     once a concept's loss is above it)."""
     ascent_cap: float = Field(default=1.0, gt=0.0)
     """The cap of ``ascent = "capped"`` (1.0: the loss of predicting zero noise)."""
+    subspace: Literal["all", "target"] = "all"
+    """Where the upper level may move the cross-attention k/v weights: anywhere (the paper), or only along the
+    ``subspace_rank`` text-embedding directions that carry the most of the targets' prompt embeddings per unit of the
+    kept prompts' (``preserve_prompts``), so that the kept prompts' keys and values stay as the parent's. The other
+    parameters of the upper set are not restricted (``upper = "xattn-kv"`` changes nothing else)."""
+    subspace_rank: int = Field(default=8, ge=1)
+    """Directions of ``subspace = "target"`` (at most the text embedding's width)."""
+    subspace_ridge: float = Field(default=1e-2, gt=0.0)
+    """Ridge on the kept prompts' second moment (relative to its mean eigenvalue) in ``subspace = "target"``."""
 
     @field_validator("imma_adaptation")
     @classmethod

@@ -95,6 +95,32 @@ class Preserve:
     at: str = "both"
 
 
+@dataclass
+class Subspace:
+    """The upper level's k/v updates kept to the directions ``Q`` ``[c, r]`` of the text embeddings that carry the
+    targets (:func:`engine.editing.discriminative_basis`): each gradient becomes ``g Q Q^T`` and, after each
+    optimiser step, ``W = W0 + (W - W0) Q Q^T`` (the optimiser's per-element scaling leaves the plane otherwise), so
+    ``W c = W0 c`` for every embedding ``c`` orthogonal to ``Q``. ``parent``: those k/v weights at the start."""
+
+    basis: torch.Tensor
+    parent: dict[str, torch.Tensor]
+
+    def _plane(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.basis.to(x.device, torch.float32)
+        return ((x.float() @ q) @ q.T).to(x.dtype)
+
+    def project(self, grads: dict[str, torch.Tensor]) -> None:
+        for k in self.parent:
+            if k in grads:
+                grads[k] = self._plane(grads[k])
+
+    @torch.no_grad()
+    def restore(self, params: dict[str, torch.Tensor]) -> None:
+        for k, w0 in self.parent.items():
+            w = params[k]
+            w.copy_(w0.to(w.device, w.dtype) + self._plane(w - w0.to(w.device, w.dtype)))
+
+
 def ascended(loss: torch.Tensor, how: str = "loss", cap: float = 1.0) -> torch.Tensor:
     """The instance loss the upper level maximises: as is, its log, or capped at ``cap`` (no gradient above it)."""
     if how == "loss":
