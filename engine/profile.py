@@ -390,6 +390,9 @@ class ImmunizeSection(_Strict):
     """α: learning rate of the one-step lower-level adaptation."""
     outer_lr: float = Field(default=3e-5, gt=0.0)
     """β: learning rate of the upper-level ascent (AdamW)."""
+    inner_steps: int = Field(default=1, ge=1)
+    """Inner SGD steps of the simulated attacker on each task (one fresh batch each); more than one needs
+    ``gradient = "first-order"`` (nothing is carried back through steps 2..K)."""
     batch: int = Field(default=1, ge=1)
     """Instance images per concept and step (plus one prior image per concept batch)."""
     prior_weight: float = Field(default=1.0, ge=0.0)

@@ -170,3 +170,18 @@ def test_target_subspace_moves_the_targets_keys_and_keeps_the_others(tiny_profil
     assert sum(k for k, _, _ in restricted) / sum(t for _, t, _ in restricted) < 0.5
     assert sum(k for k, _, _ in restricted) < 0.5 * sum(k for k, _, _ in free)
 
+
+
+def test_several_inner_steps_need_first_order_before_any_run(tiny_profile, tmp_path):
+    from engine.immunize.runner import ImmunizationUsageError, immunize
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.steps=1", "utility.enabled=false", "erase.method=\"none\"",
+                                    "immunize.inner_steps=3", "immunize.gradient=\"fd\""])
+    with pytest.raises(ImmunizationUsageError, match="inner_steps = 3 needs immunize.gradient"):
+        immunize(p, runs_dir=tmp_path / "runs", group="g2", method="mima", profile_name="tiny")
+    assert not list((tmp_path / "runs").glob("*-immunize-*"))
+    q = load_profile(tiny_profile, ["immunize.steps=2", "utility.enabled=false", "erase.method=\"none\"",
+                                    "immunize.inner_steps=3", "immunize.gradient=\"first-order\""])
+    run = immunize(q, runs_dir=tmp_path / "runs", group="g2", method="mima", profile_name="tiny")
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

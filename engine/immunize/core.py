@@ -65,6 +65,7 @@ class Task:
     name: str
     lower: Batch
     upper: Batch
+    more_lower: Sequence[Batch] = ()  # the batches of inner steps 2..K (``first-order`` only)
 
 
 def global_norm(grads: dict[str, torch.Tensor]) -> float:
@@ -198,7 +199,20 @@ class BiLevel:
         adapted = {k: self.params[k] - self.inner_lr * (grads[k] if create_graph else grads[k].detach())
                    for k in self.lower}
         g_upper = {k: grads[k].detach() for k in self.upper} if with_upper else None
+        if task.more_lower:
+            if create_graph or self.gradient != "first-order":
+                raise ValueError("several inner steps need gradient = 'first-order' (nothing is carried back "
+                                 "through steps 2..K)")
+            adapted = self._more_inner_steps(adapted, task.more_lower)
         return adapted, float(loss.detach()), g_upper
+
+    def _more_inner_steps(self, adapted: dict[str, torch.Tensor], batches: Sequence[Batch]) -> dict:
+        """Inner SGD steps 2..K from ``adapted``, one batch each, without a graph (first-order)."""
+        for batch in batches:
+            at = {k: v.detach().requires_grad_(True) for k, v in adapted.items()}
+            grads = torch.autograd.grad(self.inner_objective(at, batch), list(at.values()), materialize_grads=True)
+            adapted = {k: (v - self.inner_lr * g).detach() for (k, v), g in zip(at.items(), grads)}
+        return adapted
 
     def _merge(self, adapted: list[dict]) -> tuple[dict, float]:
         if self.merge_fn is None:

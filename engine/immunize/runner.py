@@ -72,14 +72,17 @@ def draw_batch(c: ConceptData, batch: int, gen: torch.Generator, num_train_times
     return Batch(lat, ctx.to(lat.dtype), noise, t, n_instance=batch)
 
 
-def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: int, step: int) -> list[Task]:
+def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: int, step: int,
+               inner_steps: int = 1) -> list[Task]:
     def draw(c: ConceptData, level: str) -> Batch:
         return draw_batch(c, batch, seeded_generator(seed, step, c.name, level))
 
+    more = [f"lower-{j}" for j in range(2, inner_steps + 1)]  # inner step 1 keeps its batch of one-step runs
     if spec.tasks == "joint":
         return [Task("joint", Batch.cat([draw(c, "lower") for c in concepts]),
-                     Batch.cat([draw(c, "upper") for c in concepts]))]
-    return [Task(c.name, draw(c, "lower"), draw(c, "upper")) for c in concepts]
+                     Batch.cat([draw(c, "upper") for c in concepts]),
+                     [Batch.cat([draw(c, level) for c in concepts]) for level in more])]
+    return [Task(c.name, draw(c, "lower"), draw(c, "upper"), [draw(c, level) for level in more]) for c in concepts]
 
 
 # ------------------------------------------------------------------------------------------- preparation
@@ -194,16 +197,20 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
                                      min(s.subspace_rank, keep.contexts.shape[-1]), s.subspace_ridge)
         subspace = Subspace(basis, {k: params[k].detach().clone() for k in names})
     keep = keep if s.preserve_weight > 0 else None
-    bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight,
-                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor, s.fd_scheme,
-                      preserve, s.ascent, s.ascent_cap)
+    gradient = "first-order" if alternating else s.gradient
+    if s.inner_steps > 1 and gradient != "first-order":
+        raise ImmunizationUsageError(f"immunize.inner_steps = {s.inner_steps} needs immunize.gradient = "
+                                     f"\"first-order\" (it is {gradient!r}): nothing is carried back through inner "
+                                     "steps 2..K")
+    bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, gradient, s.fd_eps,
+                      merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap)
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep, subspace=subspace)
 
 
 def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
     """One outer step: the meta-gradient (or the alternating scheme's gradient), then the ascent step."""
     s = profile.immunize
-    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
+    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step, s.inner_steps)
     keep = (setup.keep.draw(s.preserve_batch, seeded_generator(profile.model.seed, step, "preserve", "upper"))
             if setup.keep is not None else None)
     core = setup.bilevel
