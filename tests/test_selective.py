@@ -125,12 +125,26 @@ def test_discriminative_basis_finds_the_targets_own_directions():
     keep = torch.zeros(50, 6)
     keep[:, :3] = torch.randn(50, 3, generator=g)
     target = torch.randn(20, 6, generator=g)  # shares the kept directions and has its own (dims 3..5)
-    q = discriminative_basis(target, keep, rank=2, ridge=1e-6)
+    q = discriminative_basis(target, [keep], rank=2, ridge=1e-6)
     assert q.shape == (6, 2) and torch.allclose(q.T @ q, torch.eye(2), atol=1e-5)
     assert float((keep @ q).norm() / keep.norm()) < 1e-3  # nothing of the kept rows in the plane
     assert float((target @ q).norm() / target.norm()) > 0.3
     with pytest.raises(ValueError, match="rank"):
-        discriminative_basis(target, keep, rank=7)
+        discriminative_basis(target, [keep], rank=7)
+
+
+def test_a_few_kept_rows_count_as_much_as_many():
+    """Five rows along dim 3 beside 500 along dims 0..2: flat, dim 3 would be nearly free; as a block of its own it
+    is kept."""
+    g = torch.Generator().manual_seed(1)
+    many = torch.zeros(500, 6)
+    many[:, :3] = torch.randn(500, 3, generator=g)
+    few = torch.zeros(5, 6)
+    few[:, 3] = 1.0
+    target = torch.randn(40, 6, generator=g)
+    balanced = discriminative_basis(target, [many, few], rank=2, ridge=1e-3)
+    flat = discriminative_basis(target, [torch.cat([many, few])], rank=2, ridge=1e-3)
+    assert float((few @ balanced).norm() / few.norm()) < 0.5 * float((few @ flat).norm() / few.norm())
 
 
 def _kv_change(tiny_profile, tmp_path, subspace):

@@ -193,7 +193,10 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
         preserve = Preserve(s.preserve_weight, {k: params[k].detach().clone() for k in upper}, s.preserve_at)
     if s.subspace == "target":
         names = [k for k in kv_layer_names(unet) if k in set(upper)]  # every upper set holds them
-        basis = discriminative_basis(torch.cat([c.context for c in concepts]), keep.contexts.flatten(0, 1),
+        kinds = [[i for i, p in enumerate(keep.prompts) if p in set(c.prompt for c in others)]]
+        kinds.append([i for i in range(len(keep.prompts)) if i not in set(kinds[0])])  # the captions
+        basis = discriminative_basis(torch.cat([c.context for c in concepts]),
+                                     [keep.contexts[ix].flatten(0, 1) for ix in kinds if ix],
                                      min(s.subspace_rank, keep.contexts.shape[-1]), s.subspace_ridge)
         subspace = Subspace(basis, {k: params[k].detach().clone() for k in names})
     keep = keep if s.preserve_weight > 0 else None
