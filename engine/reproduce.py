@@ -109,26 +109,21 @@ def _same_profile(run_dir: Path, profile: Profile) -> bool:
 
 def _finished(runs_dir: Path, kind: str, profile: Profile, /, **fields) -> Path | None:
     """The newest finished run of ``kind`` whose status matches ``fields`` and whose profile equals ``profile``."""
-    from .runs import list_runs
+    from .runs import newest
 
-    for st in reversed(list_runs(runs_dir)):
-        if st.get("kind") != kind or st.get("state") != "finished":
-            continue
-        if all(st.get(k) == v for k, v in fields.items()) and _same_profile(runs_dir / st["id"], profile):
-            return runs_dir / st["id"]
-    return None
+    found = newest(runs_dir, kind, where=lambda st: _same_profile(runs_dir / st.id, profile), **fields)
+    return runs_dir / found.id if found is not None else None
 
 
 def _attacked(runs_dir: Path, imm_run: Path, attack: str, control: bool = False) -> bool:
-    from .runs import list_runs
+    """A finished ``attack`` of the immunization run ``imm_run`` (its control re-run with ``control``) exists."""
+    from .runs import children
 
-    for st in list_runs(runs_dir):
-        extra = st.get("extra") or {}
-        if (st.get("kind") == "attack" and st.get("state") == "finished" and st.get("method") == attack
-                and extra.get("immunize_run") == imm_run.name and bool(extra.get("control")) == control
-                and bool(extra.get("immunized")) != control):
-            return True
-    return False
+    def same_side(st) -> bool:
+        return st.attack.control == control and st.attack.immunized != control
+
+    return bool(children(runs_dir, imm_run.name, "immunize_run", kind="attack", state="finished", method=attack,
+                         where=same_side))
 
 
 def plan_tasks(profile: Profile, p: ReproducePlan, runs_dir: str | Path, profile_name: str | None = None,
@@ -196,7 +191,7 @@ class _Context:
 
 def run_task(task: Task, ctx: _Context, progress=None) -> None:
     """Run one task; its inputs (the erased model, the immunization run) are the finished runs in the runs dir."""
-    from .attack_runs import attack
+    from .attacks.pairs import attack
     from .erase import erase
     from .immunize.runner import immunize
 
@@ -305,8 +300,8 @@ def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | Non
     """Run the plan, skipping finished work. ``status(message)`` reports each task as it starts (the CLI prints
     it). ``jobs``: worker processes (``"auto"``: :func:`default_jobs`); 1 runs every task in this process.
     ``worker_init``: a module-level function each worker process calls first (e.g. to silence loading bars). Every
-    image set of the profile is checked first (:func:`engine.data.check_image_sets`)."""
-    from .data import check_image_sets, profile_image_sets
+    image set of the profile is checked first (:func:`engine.image_sets.check_image_sets`)."""
+    from .image_sets import check_image_sets, profile_image_sets
 
     runs_dir = Path(runs_dir)
     p = plan(profile, methods, quick, shard, groups, control)
