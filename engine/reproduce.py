@@ -269,24 +269,34 @@ def _run_in_worker(task: Task, ctx: _Context) -> float:
 
 def _schedule(tasks: list[Task], start: Callable[[Task], object], wait: Callable[[], tuple[Task, float]],
               jobs: int, say: Callable[[str], None], log: ReproduceLog) -> None:
-    """Start ready tasks (all dependencies done) in list order, at most ``jobs`` at a time, until all are done."""
-    done: set[str] = set()
-    waiting = list(tasks)
+    """Start ready tasks (all dependencies done) in list order, at most ``jobs`` at a time, until all are done.
+    A dependency that no task provides is never done: the tasks that wait for it are an error once nothing runs."""
+    from graphlib import CycleError, TopologicalSorter
+
+    by_key = {t.key: t for t in tasks}
+    order = {t.key: i for i, t in enumerate(tasks)}
+    graph = TopologicalSorter({t.key: t.deps for t in tasks})
+    try:
+        graph.prepare()
+    except CycleError as e:
+        raise RuntimeError(f"tasks with unmet dependencies: a cycle {' -> '.join(e.args[1])}") from None
+    ready: list[str] = []
+    started: set[str] = set()
     running = 0
-    while waiting or running:
-        for t in list(waiting):
-            if running >= jobs:
-                break
-            if all(d in done for d in t.deps):
-                waiting.remove(t)
-                say(t.describe())
-                start(t)
-                running += 1
+    while graph.is_active():
+        ready = sorted([*ready, *(k for k in graph.get_ready() if k in by_key)], key=order.__getitem__)
+        while ready and running < jobs:
+            t = by_key[ready.pop(0)]
+            say(t.describe())
+            start(t)
+            started.add(t.key)
+            running += 1
         if not running:
-            raise RuntimeError(f"tasks with unmet dependencies: {', '.join(t.key for t in waiting)}")
+            waiting = [t.key for t in tasks if t.key not in started]
+            raise RuntimeError(f"tasks with unmet dependencies: {', '.join(waiting)}")
         t, seconds = wait()
         running -= 1
-        done.add(t.key)
+        graph.done(t.key)
         log.done.append(t.key)
         if jobs > 1:
             say(f"  done: {t.key} ({seconds / 60:.1f} min)")
