@@ -142,21 +142,30 @@ class RunStatus(_Lenient):
 
     id: str
     state: str = "unknown"
+    """running, finished, failed or interrupted (``unknown``: no readable status.json)."""
     progress: float = 0.0
     started: float | None = None
     updated: float | None = None
+    """Unix times of the start and of the last write."""
     error: str | None = None
     kind: str | None = None
+    """erase, immunize, attack, evaluate, ..."""
     method: str | None = None
+    """The immunization method, the attack, or an evaluate run's metrics."""
     profile: str | None = None
+    """The profile name or path the run was started with."""
     group: str | None = None
     concepts: list[str] = []
     parent: str | None = None
+    """The run this run started from (an erase run, the immunization run an attack attacked, ...)."""
     twin: str | None = None
+    """The matching run: the unimmunized attack of a pair (on the unimmunized side: the newest run compared)."""
     base_model_hash: str | None = None
     pid: int | None = None
     extra: dict[str, Any] = {}
+    """The free table, typed by :attr:`attack`, :attr:`source`, :attr:`evaluation` and :attr:`utility`."""
     dir: Path | None = None
+    """Where the status was read from (not written in status.json)."""
 
     @classmethod
     def of(cls, status: RunStatus | dict[str, Any]) -> RunStatus:
