@@ -1,4 +1,4 @@
-"""Tests of the testbed judge (engine/testbed/judge.py): input handling, persistence, metrics, training."""
+"""Tests of the testbed judge (engine/testbed/judge/): input handling, persistence, metrics, training."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What the dashboard knows about runs, built only from run-directory events (no Textual here).
 
-:class:`RunData` folds the events of one run (see ``engine/runs.py`` for the schema) into what the run
+:class:`RunData` folds the events of one run (see :mod:`engine.runs` for the schema) into what the run
 screen draws: scalar series, the latest image per name, the metric table and the status messages.
 :class:`RateMeter` turns progress events into steps/s and an ETA for the runs list.
 """
