@@ -210,7 +210,7 @@ def report_cmd(
 
     Example: mima report --markdown
     """
-    from engine.evaluate import EvaluationError
+    from engine.errors import EvaluationError
     from engine.report import build_report, collect_pairs, qualitative_grid
 
     if sum(map(bool, (json_out, csv_out, markdown))) > 1:

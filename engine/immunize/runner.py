@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import check_image_sets, load_image_set, profile_image_sets
+from ..image_sets import check_image_sets, load_image_set, profile_image_sets
 from ..diffusion import concept_rows, seeded_generator, encode_images, encode_prompts, prompts_rows, training_scheduler
 from ..editing import discriminative_basis, merge_projector
 from ..errors import UsageError
