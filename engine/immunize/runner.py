@@ -26,6 +26,7 @@ from ..editing import discriminative_basis, merge_projector
 from ..errors import UsageError
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
+from ..runs import atomic_write
 from . import MethodSpec, get_method
 from .core import Batch, BiLevel, Preserve, StepStats, Subspace, Task, make_merge_fn
 from .distributed import Split, current_split, process_device
@@ -283,9 +284,7 @@ def save_checkpoint(run_dir: Path, setup: Setup, opt, step: int) -> Path:
     torch.save(state, tmp / "optimizer.pt")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    pointer = ck / "latest.tmp"
-    pointer.write_text(folder.name)
-    os.replace(pointer, ck / "latest")
+    atomic_write(ck / "latest", folder.name)
     for old in ck.glob("step-*"):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
@@ -416,13 +415,10 @@ class _DeferredInterrupt:
 
 def find_erase_run(runs_dir: Path, profile_name: str | None, group: str | None, base: str) -> Path | None:
     """The newest finished erase run of this profile, group and base model."""
-    from ..runs import list_runs
+    from ..runs import newest
 
-    for st in reversed(list_runs(runs_dir)):
-        if (st.get("kind") == "erase" and st.get("state") == "finished" and st.get("group") == group
-                and st.get("profile") == profile_name and (st.get("extra") or {}).get("base") == base):
-            return Path(runs_dir) / st["id"]
-    return None
+    st = newest(runs_dir, "erase", group=group, profile=profile_name, where=lambda s: s.extra.get("base") == base)
+    return Path(runs_dir) / st.id if st is not None else None
 
 
 def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None = None, method: str | None = None,
