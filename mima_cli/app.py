@@ -31,6 +31,7 @@ COMMANDS = (
     "report",
     "reproduce",
     "sweep",
+    "export",
     "bench",
     "tui_cmd",
 )
