@@ -32,6 +32,7 @@ COMMANDS = (
     "reproduce",
     "sweep",
     "export",
+    "doctor",
     "bench",
     "tui_cmd",
 )
