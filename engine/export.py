@@ -402,7 +402,6 @@ def export_model(ref: str | Path, out: str | Path, *, runs_dir: str | Path = "ru
                  progress: Callable[[str, int, int, dict | None], None] | None = None) -> Exported:
     """Write the model of run ``ref`` as a full diffusers pipeline folder ``out`` with a model card (see the
     module docstring). ``overwrite`` replaces an existing ``out``; ``force`` exports what :func:`refusals` refuses."""
-    import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from .models import pick_dtype
