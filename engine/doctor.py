@@ -11,8 +11,8 @@ open_clip weights of the ``timm`` repos and DINO; open_clip's own cache (``~/.ca
 not on the hub; torch hub's checkpoints (``$TORCH_HOME/hub/checkpoints``) for the LPIPS trunk.
 
 Gradient modes: a profile on a Stable Diffusion base fits where :func:`engine.bench.predicted_gib` (measured at SD
-1.x shapes on one H200) for its largest group stays under 90% of the largest CUDA device's memory; a testbed
-profile runs on a CPU in every mode.
+1.x shapes on one H200; an upper bound for fd and first-order, see :data:`engine.bench.STEP_GIB`) for its largest
+group stays under 90% of the largest CUDA device's memory; a testbed profile runs on a CPU in every mode.
 """
 
 from __future__ import annotations
