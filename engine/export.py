@@ -380,7 +380,8 @@ def model_card(source: ExportSource, runs_dir: str | Path, *, utility: Any = Non
     prompt = next((profile.concept(n).prompt for n in names if n in profile.concept_names), "a photo")
     lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline",
               'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
-              f'image = pipe("{prompt}").images[0]', "```", "",
+              f'image = pipe("{prompt}", num_inference_steps={profile.model.sample_steps}, '
+              f'guidance_scale={profile.model.guidance}).images[0]', "```", "",
               "## Resolved profile", "", "<details><summary>profile.toml of the run</summary>", "", "```toml",
               (RunReader(source.run_dir).profile_text() or "").rstrip(), "```", "", "</details>", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
