@@ -133,12 +133,14 @@ def _locate(ref: str, runs_dir: Path) -> Path:
     return resolve_model(path if path.exists() else ref)
 
 
-def model_chain(model_dir: str | Path, runs_dir: str | Path = "runs") -> tuple[Path, dict[str, Path]]:
-    """``(pipeline folder, {component: folder})``: the full pipeline a mima model completes and the components
-    that replace its own (the nearest model's wins)."""
+def model_chain(model_dir: str | Path, runs_dir: str | Path = "runs") -> tuple[Path, dict[str, Path], str]:
+    """``(pipeline folder, {component: folder}, base)``: the full pipeline a mima model completes, the components
+    that replace its own (the nearest model's wins), and that pipeline's reference as the runs recorded it (the
+    folder itself for a full pipeline)."""
     from .models import MODEL_JSON
 
     folder, parts, seen = Path(model_dir), {}, set()
+    base = str(folder)
     while not (folder / "model_index.json").exists():
         meta = _read_json(folder / MODEL_JSON)
         if not meta.get("base"):
@@ -150,8 +152,9 @@ def model_chain(model_dir: str | Path, runs_dir: str | Path = "runs") -> tuple[P
         for name in ("unet", "text_encoder"):
             if (folder / name / "config.json").exists():
                 parts.setdefault(name, folder / name)
-        folder = _locate(str(meta["base"]), Path(runs_dir))
-    return folder, parts
+        base = str(meta["base"])
+        folder = _locate(base, Path(runs_dir))
+    return folder, parts, base
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -213,23 +216,6 @@ def base_license(base: str, hf_cache: str | Path | None = None) -> str | None:
     return KNOWN_LICENSES.get(base)
 
 
-def _root_base(model_dir: Path, runs_dir: Path) -> str:
-    """The base model reference at the bottom of a mima model chain, as the run recorded it."""
-    from .models import MODEL_JSON
-
-    folder, base = model_dir, None
-    for _ in range(16):
-        meta = _read_json(folder / MODEL_JSON)
-        if not meta.get("base"):
-            break
-        base = str(meta["base"])
-        try:
-            folder = _locate(base, runs_dir)
-        except UsageError:
-            break
-    return base or str(model_dir)
-
-
 def _is_hub_id(ref: str) -> bool:
     return ref.count("/") == 1 and not ref.startswith((".", "/")) and not Path(ref).exists()
 
@@ -275,15 +261,15 @@ def _utility_lines(utility: Any) -> list[str]:
     return lines
 
 
-def _attack_lines(report: Any) -> tuple[list[str], list[str]]:
+def _attack_lines(report: Any, run_id: str) -> tuple[list[str], list[str]]:
     """The MSGR / MRSGR rows of each attack pair and the attacks' settings."""
     from .runs import read_status
 
     if report is None:
-        return ["Not attacked yet (`mima attack --run RUN` attacks it and its unimmunized twin)."], []
+        return [f"Not attacked yet (`mima attack --run {run_id}` attacks it and its unimmunized twin)."], []
     rows = ["MSGR: how much of the attack's effect on the unimmunized twin the immunization takes away (higher = "
             "stronger); MRSGR: how much more it spoils the targets than the other concepts (higher = more selective); "
-            "success: the attack on the twin (judge accuracy). As `mima report --json RUN` gives them:", "",
+            f"success: the attack on the twin (judge accuracy). As `mima report --json {run_id}` gives them:", "",
             "| attack | step | metric | MSGR | MRSGR | success on the twin |", "|---|---:|---|---:|---:|---:|"]
     settings = []
     for pair, p in zip(report.pairs, report.to_dict()["pairs"]):
@@ -326,7 +312,7 @@ def model_card(source: ExportSource, runs_dir: str | Path, *, utility: Any = Non
 
     runs_dir = Path(runs_dir)
     profile = RunReader(source.run_dir).profile()
-    base = base or _root_base(source.model_dir, runs_dir)
+    base = base or model_chain(source.model_dir, runs_dir)[2]
     testbed = base == "testbed"
     concepts = list(source.status.get("concepts") or [])
     what = {"immunize": "immunized", "erase": "erased", "attack": "dreambooth"}[source.kind]
@@ -359,8 +345,10 @@ def model_card(source: ExportSource, runs_dir: str | Path, *, utility: Any = Non
     lines += ["", "## Method and settings", "", *_settings_lines(source, profile), "",
               f"Run `{source.run_id}` (profile `{source.status.get('profile')}`, group `{source.status.get('group')}`)."]
     if source.kind != "attack":
-        att, settings = _attack_lines(report)
-        lines += ["", "## Utility", "", *_utility_lines(utility), "", "## Immunity", "", *att]
+        lines += ["", "## Utility", "", *_utility_lines(utility)]
+    if source.kind == "immunize":
+        att, settings = _attack_lines(report, source.run_id)
+        lines += ["", "## Immunity", "", *att]
         if settings:
             lines += ["", "Attacks tested against (each also run on the unimmunized twin with the same data and "
                       "seeds):", "", *settings]
@@ -423,7 +411,7 @@ def export_model(ref: str | Path, out: str | Path, *, runs_dir: str | Path = "ru
         raise ExportRefused(f"not exported: {'; '.join(reasons)} (pass --force to export it anyway)")
     step = (lambda i, what: progress("export", i, 4, {"step": what})) if progress else (lambda i, what: None)
     step(0, "load")
-    folder, parts = model_chain(source.model_dir, runs_dir)
+    folder, parts, base = model_chain(source.model_dir, runs_dir)
     torch_dtype = pick_dtype(dtype)
     swapped = {}
     if "unet" in parts:
@@ -442,7 +430,7 @@ def export_model(ref: str | Path, out: str | Path, *, runs_dir: str | Path = "ru
             shutil.copy2(folder / "testbed.json", tmp / "testbed.json")
         step(2, "card")
         card = model_card(source, runs_dir, utility=utility, report=_report(source, runs_dir),
-                          forced=reasons if force else [], base=_root_base(source.model_dir, runs_dir))
+                          forced=reasons if force else [], base=base)
         card.save(tmp / "README.md")
         files = _check_files(tmp)
         step(3, "rename")
