@@ -160,6 +160,29 @@ def closed_form_merge(w0: torch.Tensor, adapted: Sequence[torch.Tensor], concept
     return merge_projector(concept_embeddings, reg_embeddings, ridge, mu).apply(w0, adapted)
 
 
+def discriminative_basis(target_rows: torch.Tensor, keep_rows: Sequence[torch.Tensor], rank: int,
+                         ridge: float = 1e-2) -> torch.Tensor:
+    """An orthonormal ``[c, rank]`` basis of the text-embedding directions that carry the most of ``target_rows``
+    ``[n, c]`` per unit of the kept rows: the top generalised eigenvectors of the pair of second moments
+    ``(T, K + ridge * tr(K)/c * I)``. ``keep_rows``: blocks of kept rows ``[m_i, c]`` (e.g. the other concepts'
+    prompts, the generic captions); ``K`` is the mean of the blocks' second moments, each normalised to unit trace, so
+    a few kept prompts are not outweighed by many captions. A k/v weight changed only as ``dW = G Q Q^T`` moves the
+    targets' keys and values and leaves the kept prompts' nearly as they were."""
+    dt = torch.float64
+    t = target_rows.detach().to(dt)
+    c = t.shape[1]
+    if not 1 <= rank <= c:
+        raise ValueError(f"rank {rank} outside 1..{c}")
+    eye = torch.eye(c, dtype=dt, device=t.device)
+    blocks = [b.detach().to(t.device, dt) for b in keep_rows if len(b)]
+    km = sum((m := b.T @ b) / torch.trace(m) for b in blocks) / len(blocks)
+    km = km + ridge * float(torch.trace(km)) / c * eye
+    inv = torch.linalg.solve_triangular(torch.linalg.cholesky(km), eye, upper=False)
+    _, vecs = torch.linalg.eigh(inv @ (t.T @ t / len(t)) @ inv.T)  # ascending
+    q, _ = torch.linalg.qr(inv.T @ vecs[:, -rank:].flip(1))
+    return q.to(target_rows.dtype)
+
+
 # ------------------------------------------------------------------------------------------------ UCE
 
 

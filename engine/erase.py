@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import check_image_sets, profile_image_sets
+from .image_sets import check_image_sets, profile_image_sets
 from .editing import uce_edit
 from .profile import Profile
 
@@ -25,7 +25,7 @@ def erase(profile: Profile, *, runs_dir: str | Path, group: str | None = None, p
 
     The erased model is ``<run>/model`` (UNet only + ``mima_model.json`` naming the base). ``[erase] method = "none"``
     is an error here: there is nothing to erase. The image sets that immunizing the group reads are checked first
-    (:func:`engine.data.check_image_sets`), so that a broken one stops the work before this run is written.
+    (:func:`engine.image_sets.check_image_sets`), so that a broken one stops the work before this run is written.
     """
     from .models import load_pipeline, model_hash, pick_device, pick_dtype, save_model
     from .runs import RunWriter

@@ -83,9 +83,8 @@ class Exported:
 
 def find_source(ref: str | Path, runs_dir: str | Path, concept: str | None = None) -> ExportSource:
     """The model a run reference names (a run id, ``latest``, a run folder)."""
-    from .attack_runs import weights_dir
     from .models import MODEL_JSON
-    from .runs import find_run, read_status
+    from .runs import find_run, read_status, weights_dir
 
     run_dir = find_run(runs_dir, str(ref))
     st = read_status(run_dir)
@@ -163,14 +162,14 @@ def model_chain(model_dir: str | Path, runs_dir: str | Path = "runs") -> tuple[P
 def model_utility(source: ExportSource, runs_dir: str | Path):
     """The newest utility of the exported model: ``mima evaluate --utility`` runs first, then its own run's (the
     one the report shows)."""
-    from .report import _utility
-    from .runs import RunReader, list_runs
+    from .report.pairs import _metric_events, _utility
+    from .runs import Runs
 
     if source.kind == "attack":
         return None
-    evaluate = [(r["id"], RunReader(r["dir"]).events("metric")) for r in list_runs(runs_dir)
-                if r.get("kind") == "evaluate"]
-    return _utility(Path(runs_dir), source.run_id, evaluate)
+    runs = Runs.scan(runs_dir)
+    evaluate = [(r.id, _metric_events(Path(r.dir))) for r in runs.select("evaluate", state=None)]
+    return _utility(runs, source.run_id, evaluate)
 
 
 def refusals(source: ExportSource, utility: Any) -> list[str]:
@@ -233,7 +232,7 @@ def _pct(v: Any) -> str:
 
 def _report(source: ExportSource, runs_dir: Path):
     """The report of the attack pairs of an immunization run (``mima report RUN``), or None without any."""
-    from .evaluate import EvaluationError
+    from .errors import EvaluationError
     from .report import build_report, collect_pairs
 
     if source.kind != "immunize":

@@ -109,26 +109,21 @@ def _same_profile(run_dir: Path, profile: Profile) -> bool:
 
 def _finished(runs_dir: Path, kind: str, profile: Profile, /, **fields) -> Path | None:
     """The newest finished run of ``kind`` whose status matches ``fields`` and whose profile equals ``profile``."""
-    from .runs import list_runs
+    from .runs import newest
 
-    for st in reversed(list_runs(runs_dir)):
-        if st.get("kind") != kind or st.get("state") != "finished":
-            continue
-        if all(st.get(k) == v for k, v in fields.items()) and _same_profile(runs_dir / st["id"], profile):
-            return runs_dir / st["id"]
-    return None
+    found = newest(runs_dir, kind, where=lambda st: _same_profile(runs_dir / st.id, profile), **fields)
+    return runs_dir / found.id if found is not None else None
 
 
 def _attacked(runs_dir: Path, imm_run: Path, attack: str, control: bool = False) -> bool:
-    from .runs import list_runs
+    """A finished ``attack`` of the immunization run ``imm_run`` (its control re-run with ``control``) exists."""
+    from .runs import children
 
-    for st in list_runs(runs_dir):
-        extra = st.get("extra") or {}
-        if (st.get("kind") == "attack" and st.get("state") == "finished" and st.get("method") == attack
-                and extra.get("immunize_run") == imm_run.name and bool(extra.get("control")) == control
-                and bool(extra.get("immunized")) != control):
-            return True
-    return False
+    def same_side(st) -> bool:
+        return st.attack.control == control and st.attack.immunized != control
+
+    return bool(children(runs_dir, imm_run.name, "immunize_run", kind="attack", state="finished", method=attack,
+                         where=same_side))
 
 
 def plan_tasks(profile: Profile, p: ReproducePlan, runs_dir: str | Path, profile_name: str | None = None,
@@ -196,7 +191,7 @@ class _Context:
 
 def run_task(task: Task, ctx: _Context, progress=None) -> None:
     """Run one task; its inputs (the erased model, the immunization run) are the finished runs in the runs dir."""
-    from .attack_runs import attack
+    from .attacks.pairs import attack
     from .erase import erase
     from .immunize.runner import immunize
 
@@ -274,24 +269,34 @@ def _run_in_worker(task: Task, ctx: _Context) -> float:
 
 def _schedule(tasks: list[Task], start: Callable[[Task], object], wait: Callable[[], tuple[Task, float]],
               jobs: int, say: Callable[[str], None], log: ReproduceLog) -> None:
-    """Start ready tasks (all dependencies done) in list order, at most ``jobs`` at a time, until all are done."""
-    done: set[str] = set()
-    waiting = list(tasks)
+    """Start ready tasks (all dependencies done) in list order, at most ``jobs`` at a time, until all are done.
+    A dependency that no task provides is never done: the tasks that wait for it are an error once nothing runs."""
+    from graphlib import CycleError, TopologicalSorter
+
+    by_key = {t.key: t for t in tasks}
+    order = {t.key: i for i, t in enumerate(tasks)}
+    graph = TopologicalSorter({t.key: t.deps for t in tasks})
+    try:
+        graph.prepare()
+    except CycleError as e:
+        raise RuntimeError(f"tasks with unmet dependencies: a cycle {' -> '.join(e.args[1])}") from None
+    ready: list[str] = []
+    started: set[str] = set()
     running = 0
-    while waiting or running:
-        for t in list(waiting):
-            if running >= jobs:
-                break
-            if all(d in done for d in t.deps):
-                waiting.remove(t)
-                say(t.describe())
-                start(t)
-                running += 1
+    while graph.is_active():
+        ready = sorted([*ready, *(k for k in graph.get_ready() if k in by_key)], key=order.__getitem__)
+        while ready and running < jobs:
+            t = by_key[ready.pop(0)]
+            say(t.describe())
+            start(t)
+            started.add(t.key)
+            running += 1
         if not running:
-            raise RuntimeError(f"tasks with unmet dependencies: {', '.join(t.key for t in waiting)}")
+            waiting = [t.key for t in tasks if t.key not in started]
+            raise RuntimeError(f"tasks with unmet dependencies: {', '.join(waiting)}")
         t, seconds = wait()
         running -= 1
-        done.add(t.key)
+        graph.done(t.key)
         log.done.append(t.key)
         if jobs > 1:
             say(f"  done: {t.key} ({seconds / 60:.1f} min)")
@@ -305,8 +310,8 @@ def reproduce(profile: Profile, *, runs_dir: str | Path, profile_name: str | Non
     """Run the plan, skipping finished work. ``status(message)`` reports each task as it starts (the CLI prints
     it). ``jobs``: worker processes (``"auto"``: :func:`default_jobs`); 1 runs every task in this process.
     ``worker_init``: a module-level function each worker process calls first (e.g. to silence loading bars). Every
-    image set of the profile is checked first (:func:`engine.data.check_image_sets`)."""
-    from .data import check_image_sets, profile_image_sets
+    image set of the profile is checked first (:func:`engine.image_sets.check_image_sets`)."""
+    from .image_sets import check_image_sets, profile_image_sets
 
     runs_dir = Path(runs_dir)
     p = plan(profile, methods, quick, shard, groups, control)

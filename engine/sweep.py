@@ -123,10 +123,10 @@ def points_of(runs_dir: Path, setting: dict[str, str], immunize_runs: Sequence[P
 
 
 def write_jsonl(path: Path, points: Sequence[Point]) -> None:
-    from .runs import atomic_write_text
+    from .runs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(p.to_json() + "\n" for p in points))
+    atomic_write(path, "".join(p.to_json() + "\n" for p in points))
 
 
 def sweep(profile_source: str, grid: Sequence[dict[str, str]], *, methods: Sequence[str], runs_dir: str | Path,

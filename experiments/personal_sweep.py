@@ -48,7 +48,7 @@ def run_one(cfg: dict, concept: str, device: str, eval_steps: tuple[int, ...] = 
             pipeline: str | None = None) -> dict:
     from engine.attacks import job_for_concept
     from engine.attacks.common import default_settings
-    from engine.data import load_image_set
+    from engine.image_sets import load_image_set
     from engine.profile import load_profile
     from engine.testbed import judge as judge_mod
     from engine.testbed import load_judge, load_pipeline, world

@@ -53,8 +53,9 @@ def attack_cmd(
 
     Example: mima attack --method lora
     """
-    from engine.attack_runs import AttackFailure, AttackUsageError, plan_attack, run_attacks
-    from engine.evaluate import EvaluationError
+    from engine.attacks.pairs import run_attacks
+    from engine.attacks.plan import AttackFailure, AttackUsageError, plan_attack
+    from engine.errors import EvaluationError
 
     quiet_model_loading()
     rd = runs_dir(ctx)

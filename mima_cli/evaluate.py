@@ -55,7 +55,7 @@ def evaluate_cmd(
     if utility:
         _utility(ctx, runs, profile, group, parent, set_, device, json_out)
         return
-    from engine.evaluate import EvaluationError, evaluate
+    from engine.metrics.evaluate import EvaluationError, evaluate
     from engine.metrics import MetricWeightsMissing
     from engine.report import build_report, collect_pairs
     from mima_cli.progress import stage_bars
@@ -96,7 +96,7 @@ def evaluate_cmd(
 
 def _utility(ctx, refs: list[str], profile: str, group: str | None, parent: str | None, sets: list[str],
              device: str, json_out: bool) -> None:
-    from engine.evaluate import EvaluationError, evaluate_utility
+    from engine.metrics.evaluate import EvaluationError, evaluate_utility
     from engine.metrics import MetricWeightsMissing
     from engine.metrics.utility import read_utility
     from engine.models import ModelNotAvailable

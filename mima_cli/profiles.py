@@ -82,7 +82,7 @@ def validate(
 
     Example: mima profiles validate my-profile.toml
     """
-    from engine.data import check_image_sets, profile_image_sets
+    from engine.image_sets import check_image_sets, profile_image_sets
 
     targets = list(files or []) or [str(p) for p in shipped_profiles().values()]
     shipped = {str(p.resolve()) for p in shipped_profiles().values()}

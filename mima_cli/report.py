@@ -162,11 +162,11 @@ GENERATED = "<!-- below: `mima report --markdown` output; `--into` replaces it -
 def write_into(path, markdown: str) -> None:
     """Replace what follows the :data:`GENERATED` line of a Markdown file with ``markdown`` (the text above it stays);
     a file without that line gets it, and the tables, at its end. Written atomically."""
-    from engine.runs import atomic_write_text
+    from engine.runs import atomic_write
 
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     head = text.split(GENERATED, 1)[0].rstrip("\n")
-    atomic_write_text(path, (head + "\n\n" if head else "") + GENERATED + "\n\n" + markdown.rstrip("\n") + "\n")
+    atomic_write(path, (head + "\n\n" if head else "") + GENERATED + "\n\n" + markdown.rstrip("\n") + "\n")
 
 
 def _csv(report) -> str:
@@ -227,7 +227,7 @@ def report_cmd(
 
     Example: mima report --markdown
     """
-    from engine.evaluate import EvaluationError
+    from engine.errors import EvaluationError
     from engine.report import build_report, collect_pairs, qualitative_grid
 
     if sum(map(bool, (json_out, csv_out, markdown))) > 1:

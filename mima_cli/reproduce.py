@@ -29,7 +29,7 @@ def _jobs(value: str) -> int | str:
 
 def _run(ctx: typer.Context, profile: str, sets: list[str], methods: list[str] | None, quick: bool,
          shard: str | None, device: str | None, jobs: str = "auto") -> None:
-    from engine.attack_runs import AttackUsageError
+    from engine.attacks.plan import AttackUsageError
     from engine.reproduce import parse_shard, reproduce
     from mima_cli.attack import quiet_model_loading
     from mima_cli.report import report_cmd

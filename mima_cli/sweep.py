@@ -38,7 +38,7 @@ def sweep_cmd(
     """
     from pathlib import Path
 
-    from engine.attack_runs import AttackUsageError
+    from engine.attacks.plan import AttackUsageError
     from engine.immunize import get_method
     from engine.profile import ProfileError, load_profile
     from engine.sweep import plot, settings_grid, sweep

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attack_helpers import attack_runs, copy_runs, invoke
-from engine.evaluate import eval_steps, load_eval_images
+from engine.runs import eval_steps, load_eval_images
 from engine.runs import RunReader, read_status
 
 STEPS = [0, 1, 2]  # eval_at_start + eval_every = 1 over 2 attack steps
@@ -67,12 +67,12 @@ def test_eval_images_at_every_step_with_identical_seeds(built):
 
 
 def test_attacks_train_on_the_attack_images(built):
-    from engine.data import load_image_set
+    from engine.image_sets import load_image_set
     from engine.profile import load_profile
 
     imm, (twin,) = _pairs(built)
     profile = load_profile(built["profile"])
-    from engine.attack_runs import _digest
+    from engine.attacks.cache import image_digest as _digest
 
     for c in CONCEPTS:
         concept = profile.concept(c)
@@ -102,7 +102,7 @@ def test_metric_events_at_every_eval_step(built):
     sims = [e for e in events if e["name"] == "sim/judge/strieker" and e["step"] == 2]
     assert sorted(e["tags"]["pair"] for e in sims) == ["I-A", "r-A", "r-T"]
     # the logged MSGR / MRSGR are the ones recomputed from the kept arrays
-    from engine.evaluate import load_references
+    from engine.image_sets import load_references
     from engine.profile import load_profile
 
     profile = load_profile(built["profile"])
@@ -122,7 +122,7 @@ def test_metric_events_at_every_eval_step(built):
 
 
 def test_cache_key_depends_on_every_input():
-    from engine.attack_runs import cache_key
+    from engine.attacks.cache import cache_key
     from engine.attacks import default_settings
 
     s = default_settings("lora", steps=2)
@@ -176,7 +176,7 @@ def test_no_immunization_run_is_one_line(tmp_path):
 
 def test_ctrl_c_keeps_finished_concepts_and_the_next_attack_reuses_them(built, tmp_path, monkeypatch):
     import engine.attacks as attacks
-    from engine.attack_runs import attack
+    from engine.attacks.pairs import attack
 
     runs = copy_runs(built, tmp_path)
     real, calls = attacks.run_attack, []
@@ -206,7 +206,7 @@ def test_ctrl_c_keeps_finished_concepts_and_the_next_attack_reuses_them(built, t
 
 
 def test_twin_parts_are_interleaved_slices_of_the_concepts(built, tmp_path):
-    from engine.attack_runs import attack, plan_attack
+    from engine.attacks.pairs import attack, plan_attack
 
     runs = copy_runs(built, tmp_path)
     whole = plan_attack(runs, run=built["mima"]).concepts
@@ -226,7 +226,7 @@ def test_save_weights_never_leaves_the_cached_twin_without_weights(built, tmp_pa
     """The twin of the built runs was attacked without --save-weights: with it, the cache does not serve that twin
     (it holds no weights) but attacks the unimmunized model again, saving both sides, and says so; a later
     --save-weights attack then reuses the twin that kept its weights."""
-    from engine.attack_runs import weights_dir
+    from engine.runs import weights_dir
 
     runs = copy_runs(built, tmp_path)
     _, (old_twin,) = _pairs(built)

@@ -33,13 +33,7 @@ TOKEN = "qzv"
 LR = {"lora": 1e-2, "dreambooth": 1e-3, "dreambooth-lora": 1e-2, "textual-inversion": 5e-2, "custom-diffusion": 1e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

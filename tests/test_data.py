@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from engine.data import ImageSetError, check_image_sets, profile_image_sets, read_folder
+from engine.image_sets import ImageSetError, check_image_sets, profile_image_sets, read_folder
 from engine.profile import FolderImages, load_profile
 from mima_cli.app import app
 

@@ -58,7 +58,8 @@ def test_evaluate_one_step_of_a_twin_run(built, tmp_path):
 
 
 def test_random_init_backbones_are_refused(built, tmp_path):
-    from engine.evaluate import PairEvaluator, evaluate
+    from engine.metrics.evaluate import evaluate
+    from engine.metrics.pairs import PairEvaluator
     from engine.metrics import get_backend
 
     runs = copy_runs(built, tmp_path)
@@ -83,7 +84,8 @@ def test_bad_input_is_one_line(built, args, message):
 
 
 def test_pair_reader_refuses_different_seeds(tmp_path):
-    from engine.evaluate import EvaluationError, pair_images_reader, save_eval_images
+    from engine.metrics.pairs import EvaluationError, pair_images_reader
+    from engine.runs import save_eval_images
 
     img = np.zeros((2, 8, 8, 3), np.uint8)
     save_eval_images(tmp_path / "t", "c", 1, img, [1, 2], "p")

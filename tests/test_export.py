@@ -59,7 +59,7 @@ def exported(built, tmp_path_factory):
 
 
 def test_the_export_opens_without_mima_and_draws_the_runs_images(built, exported, tmp_path):
-    from engine.data import generated_set
+    from engine.image_sets import generated_set
     from engine.models import load_pipeline, model_hash
     from engine.profile import load_profile
 

@@ -57,10 +57,12 @@ def problem(n_concepts=2):
     return unet, lower, upper, kv, rows, reg, tasks
 
 
-def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01, ascend=lambda li: li, extra=None):
+def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01, ascend=lambda li: li, extra=None,
+                      adapt=None):
     """Independent reference: write the whole bi-level objective out and differentiate it with autograd.
     ``ascend``: what the instance loss becomes in the ascended objective; ``extra(loss_fn, theta, merged)``: a term
-    added to it."""
+    added to it; ``adapt(loss, theta, task) -> theta'_n on S^l``: the inner adaptation (default: one SGD step,
+    differentiated through)."""
     sched = scheduler()
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in unet.named_parameters()}
 
@@ -70,11 +72,12 @@ def unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, ridge=0.01, asce
         per = ((pred - b.noise) ** 2).flatten(1).mean(1)
         return per[: b.n_instance].mean(), per[b.n_instance :].mean()
 
-    adapted = []
-    for t in tasks:
+    def one_step(loss, theta, t):
         li, lp = loss(theta, t.lower)
         grads = torch.autograd.grad(li + W_PRIOR * lp, [theta[k] for k in lower], create_graph=True)
-        adapted.append({k: theta[k] - ALPHA * gk for k, gk in zip(lower, grads)})
+        return {k: theta[k] - ALPHA * gk for k, gk in zip(lower, grads)}
+
+    adapted = [(adapt or one_step)(loss, theta, t) for t in tasks]
     merged = dict(theta)
     for k in lower:
         if k in kv:
@@ -239,3 +242,40 @@ def test_upper_level_holds_one_concepts_activations_at_a_time(mode):
             core.meta_gradient(tasks)
         peaks[n] = meter.peak
     assert peaks[3] < 1.5 * peaks[1], peaks
+
+
+def _with_more_steps(tasks, k):
+    return [Task(t.name, t.lower, t.upper, [fixed_batch(100 + 10 * j + i) for j in range(k - 1)])
+            for i, t in enumerate(tasks)]
+
+
+def test_several_first_order_inner_steps_are_the_written_out_ones():
+    """K = 3 inner SGD steps, each on its own batch, with the displacement held constant (first order)."""
+    unet, lower, upper, kv, rows, reg, tasks = problem()
+    tasks = _with_more_steps(tasks, 3)
+
+    def three_steps(loss, theta, t):
+        cur = {k: theta[k].detach().clone() for k in lower}
+        for b in [t.lower, *t.more_lower]:
+            at = {k: v.requires_grad_(True) for k, v in cur.items()}
+            li, lp = loss({**{k: v.detach() for k, v in theta.items()}, **at}, b)
+            g = torch.autograd.grad(li + W_PRIOR * lp, list(at.values()))
+            cur = {k: (v - ALPHA * gk).detach() for (k, v), gk in zip(at.items(), g)}
+        return {k: theta[k] + (cur[k] - theta[k].detach()) for k in lower}
+
+    want = unrolled_gradient(unet, lower, upper, kv, rows, reg, tasks, adapt=three_steps)[0]
+    core = BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, "first-order", merge_fn=make_merge_fn(
+        merge_projector(rows, reg, ridge=0.01), kv))
+    grads, _ = core.meta_gradient(tasks)
+    got = torch.cat([grads[k].flatten() for k in upper])
+    assert _rel(got, want) < 1e-6
+    one, _ = core.meta_gradient(_with_more_steps(tasks, 1))
+    assert _rel(torch.cat([one[k].flatten() for k in upper]), want) > 1e-3  # steps 2..3 change the gradient
+
+
+def test_several_inner_steps_are_refused_outside_first_order():
+    unet, lower, upper, kv, rows, reg, tasks = problem()
+    core = BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, "fd", merge_fn=make_merge_fn(
+        merge_projector(rows, reg, ridge=0.01), kv))
+    with pytest.raises(ValueError, match="first-order"):
+        core.meta_gradient(_with_more_steps(tasks, 2))

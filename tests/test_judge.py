@@ -1,4 +1,4 @@
-"""Tests of the testbed judge (engine/testbed/judge.py): input handling, persistence, metrics, training."""
+"""Tests of the testbed judge (engine/testbed/judge/): input handling, persistence, metrics, training."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ from engine.testbed import judge as J
 from engine.testbed.world import OBJECTS, PERSONAL, STYLES, Item, render_many
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest and avoids OpenMP stalls on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

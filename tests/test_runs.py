@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -262,3 +263,63 @@ def test_profile_is_optional(tmp_path):
     with RunWriter(tmp_path, "evaluate", profile=Profile()) as run2:
         pass
     assert "[immunize]" in RunReader(run2.dir).profile_text()
+
+
+# ------------------------------------------------------------------------- typed status, queries, old files
+
+OLD_RUNS = Path(__file__).parent / "fixtures" / "runs_v0"
+IMM, TWIN, MIMA, OLDER, EVAL = sorted(p.name for p in OLD_RUNS.iterdir())
+
+
+def test_status_files_written_before_the_typed_layer_load():
+    from engine.runs import RunStatus
+
+    imm, twin, mima, older, ev = (RunStatus.of(read_status(OLD_RUNS / r)) for r in (IMM, TWIN, MIMA, OLDER, EVAL))
+    assert imm.kind == "immunize" and imm.source.parent_model == "testbed" and imm.source.others == ["ringo", "cellini"]
+    assert imm.utility.collapsed and imm.utility.share == 0.5 and imm.attack is None
+    assert twin.attack.cache_keys["ringo"] == "k-ringo" and not twin.compared and twin.attack.twins[-1] == OLDER
+    assert mima.compared and mima.attack.method == "mima" and mima.link("immunize_run") == IMM
+    # the oldest format: keys missing or null read as their defaults, unknown keys are kept
+    assert older.compared and older.attack.others == [] and older.attack.cache_keys == {}
+    assert older.attack.control is False and older.attack.immunize_runs == [] and older.base_model_hash is None
+    assert older.attack.to_dict()["retired_key"] == "kept as it was"
+    assert ev.evaluation.attack_runs == [MIMA] and ev.link("model_run") is None
+
+
+def test_status_with_wrong_types_reads_as_damaged():
+    from engine.runs import RunStatus
+
+    st = RunStatus.of({"id": "x", "state": "finished", "concepts": "not a list"})
+    assert st.state == "unknown" and "concepts" in st.error
+
+
+def test_queries_over_old_runs(tmp_path):
+    from engine.attacks.cache import find_cached
+    from engine.runs import Runs, children, newest, pairs, save_eval_images, update_status
+
+    assert newest(OLD_RUNS, "immunize", group="g2").id == IMM
+    assert newest(OLD_RUNS, "immunize", group="g3") is None
+    assert newest(OLD_RUNS, "attack", where=lambda s: not s.compared).id == TWIN
+    assert [s.id for s in children(OLD_RUNS, IMM, "immunize_run")] == [TWIN, MIMA, OLDER]
+    assert [s.id for s in children(OLD_RUNS, TWIN, "twin")] == [MIMA, OLDER, EVAL]
+    assert [s.id for s in children(OLD_RUNS, TWIN, "twin", kind="attack")] == [MIMA, OLDER]
+    assert [s.id for s in Runs.scan(OLD_RUNS).children(MIMA, "parent", kind="evaluate")] == [EVAL]
+    everything = pairs(OLD_RUNS)
+    assert [(p.id, p.twin.name, p.targets, p.others) for p in everything] == [
+        (MIMA, TWIN, ["strieker", "checkov"], ["ringo"]), (OLDER, TWIN, ["strieker", "checkov"], [])]
+    assert [p.id for p in pairs(OLD_RUNS, [IMM])] == [MIMA, OLDER]
+    assert [p.id for p in pairs(OLD_RUNS, [TWIN])] == [MIMA, OLDER]
+    assert [p.id for p in pairs(OLD_RUNS, [EVAL])] == [MIMA]
+
+    runs = tmp_path / "runs"
+    shutil.copytree(OLD_RUNS, runs)
+    import numpy as np
+
+    for concept in ("strieker", "checkov", "ringo"):
+        save_eval_images(runs / TWIN, concept, 2, np.zeros((1, 4, 4, 3), np.uint8), [100], "p")
+    keys = {"strieker": "k-strieker", "checkov": "k-checkov", "ringo": "k-ringo"}
+    assert find_cached(runs, keys) == (runs / TWIN, {c: runs / TWIN for c in keys})
+    assert find_cached(runs, {**keys, "ringo": "other"})[0] is None
+    new = update_status(runs / TWIN, twin="x", extra={"twins": ["x"]})
+    assert new["extra"]["cache_keys"] == keys and read_status(runs / TWIN)["twin"] == "x"
+    assert [p.name for p in (runs / TWIN / "eval" / "ringo").iterdir()] == ["step-000002.npz"]  # no temp file left

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from engine.editing import merge_projector
+from engine.editing import discriminative_basis, merge_projector
 from engine.immunize.core import BiLevel, Preserve, ascended, make_merge_fn
 from test_immunize_core import ALPHA, W_PRIOR, _rel, fixed_batch, problem, scheduler, unrolled_gradient
 
@@ -118,3 +118,84 @@ def test_immunization_with_preservation_logs_its_loss(tiny_profile, tmp_path):
     assert len(losses) == 2 and all(v > 0 for v in losses)
     only = load_profile(tiny_profile, ["immunize.preserve_prompts=\"others\""])
     assert keep_prompts(only, list(only.group("g2").others)) == ["an artwork of ringo", "an artwork of cellini"]
+
+
+def test_discriminative_basis_finds_the_targets_own_directions():
+    g = torch.Generator().manual_seed(0)
+    keep = torch.zeros(50, 6)
+    keep[:, :3] = torch.randn(50, 3, generator=g)
+    target = torch.randn(20, 6, generator=g)  # shares the kept directions and has its own (dims 3..5)
+    q = discriminative_basis(target, [keep], rank=2, ridge=1e-6)
+    assert q.shape == (6, 2) and torch.allclose(q.T @ q, torch.eye(2), atol=1e-5)
+    assert float((keep @ q).norm() / keep.norm()) < 1e-3  # nothing of the kept rows in the plane
+    assert float((target @ q).norm() / target.norm()) > 0.3
+    with pytest.raises(ValueError, match="rank"):
+        discriminative_basis(target, [keep], rank=7)
+
+
+def test_a_few_kept_rows_count_as_much_as_many():
+    """Five rows along dim 3 beside 500 along dims 0..2: flat, dim 3 would be nearly free; as a block of its own it
+    is kept."""
+    g = torch.Generator().manual_seed(1)
+    many = torch.zeros(500, 6)
+    many[:, :3] = torch.randn(500, 3, generator=g)
+    few = torch.zeros(5, 6)
+    few[:, 3] = 1.0
+    target = torch.randn(40, 6, generator=g)
+    balanced = discriminative_basis(target, [many, few], rank=2, ridge=1e-3)
+    flat = discriminative_basis(target, [torch.cat([many, few])], rank=2, ridge=1e-3)
+    assert float((few @ balanced).norm() / few.norm()) < 0.5 * float((few @ flat).norm() / few.norm())
+
+
+def _kv_change(tiny_profile, tmp_path, subspace):
+    """Per k/v layer: the change of the kept prompts' keys/values and of the targets', relative to the parent's, and
+    the rank of the weight change, after a 2-step immunization."""
+    from safetensors.torch import load_file
+
+    from engine.diffusion import encode_prompts
+    from engine.immunize.runner import immunize, keep_prompts
+    from engine.models import kv_layer_names, load_pipeline
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.steps=2", "utility.enabled=false", "erase.method=\"none\"",
+                                    "immunize.upper=\"xattn-kv\"", "immunize.outer_lr=0.01",
+                                    f"immunize.subspace=\"{subspace}\"", "immunize.subspace_rank=2"])
+    grp = p.group("g2")
+    run = immunize(p, runs_dir=tmp_path / subspace, group="g2", method="mima", profile_name="tiny")
+    pipe = load_pipeline(p.model.base, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        kept = encode_prompts(pipe.text_encoder, pipe.tokenizer, keep_prompts(p, list(grp.others))).flatten(0, 1)
+        targets = encode_prompts(pipe.text_encoder, pipe.tokenizer, [c.prompt for c in grp.targets]).flatten(0, 1)
+    changed = load_file(next((run / "checkpoints").glob("step-*")) / "unet_changed.safetensors")
+    params = dict(pipe.unet.named_parameters())
+    out = []
+    for k in kv_layer_names(pipe.unet):
+        w0, dw = params[k].detach(), changed[k] - params[k].detach()
+        out.append((float((kept @ dw.T).norm() / (kept @ w0.T).norm()),
+                    float((targets @ dw.T).norm() / (targets @ w0.T).norm()), int(torch.linalg.matrix_rank(dw))))
+    return out
+
+
+def test_target_subspace_moves_the_targets_keys_and_keeps_the_others(tiny_profile, tmp_path):
+    restricted = _kv_change(tiny_profile, tmp_path, "target")
+    free = _kv_change(tiny_profile, tmp_path, "all")
+    assert all(rank <= 2 for *_, rank in restricted) and any(rank > 2 for *_, rank in free)
+    assert all(t > 0 for _, t, _ in restricted)
+    assert sum(k for k, _, _ in restricted) / sum(t for _, t, _ in restricted) < 0.5
+    assert sum(k for k, _, _ in restricted) < 0.5 * sum(k for k, _, _ in free)
+
+
+
+def test_several_inner_steps_need_first_order_before_any_run(tiny_profile, tmp_path):
+    from engine.immunize.runner import ImmunizationUsageError, immunize
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.steps=1", "utility.enabled=false", "erase.method=\"none\"",
+                                    "immunize.inner_steps=3", "immunize.gradient=\"fd\""])
+    with pytest.raises(ImmunizationUsageError, match="inner_steps = 3 needs immunize.gradient"):
+        immunize(p, runs_dir=tmp_path / "runs", group="g2", method="mima", profile_name="tiny")
+    assert not list((tmp_path / "runs").glob("*-immunize-*"))
+    q = load_profile(tiny_profile, ["immunize.steps=2", "utility.enabled=false", "erase.method=\"none\"",
+                                    "immunize.inner_steps=3", "immunize.gradient=\"first-order\""])
+    run = immunize(q, runs_dir=tmp_path / "runs", group="g2", method="mima", profile_name="tiny")
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

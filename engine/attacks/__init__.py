@@ -8,6 +8,10 @@
 Registered names: ``lora``, ``dreambooth``, ``dreambooth-lora``, ``textual-inversion``, ``custom-diffusion``.
 Adding an attack is one new module with a ``@register(name)`` class (see :class:`~engine.attacks.common.Attack`)
 imported below. Attacks train ``job.pipe`` in place (see :mod:`engine.attacks.common`).
+
+``mima attack`` — an immunization run and its twin attacked as MSGR needs them — is planned in
+:mod:`~engine.attacks.plan`, served from the cache of unimmunized attacks in :mod:`~engine.attacks.cache`, and run in
+:mod:`~engine.attacks.pairs` (with :mod:`~engine.attacks.jobs`, what the attacks of one plan share).
 """
 
 from __future__ import annotations

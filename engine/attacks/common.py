@@ -9,7 +9,8 @@ tokens in the tokenizer, Custom Diffusion processors installed, ...). Give every
 (the orchestrator attacks an immunized model and its unimmunized twin, each loaded anew).
 
 Each attack module provides only what differs (see :class:`Attack`): which parameters train, how a new token is
-added, how the result is saved and loaded back with diffusers.
+added, how the result is saved and loaded back with diffusers. The job, the training loop and the result stay in
+this one module (a little over 450 lines) so that the recipe every attack shares reads top to bottom.
 """
 
 from __future__ import annotations

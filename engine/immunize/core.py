@@ -65,6 +65,7 @@ class Task:
     name: str
     lower: Batch
     upper: Batch
+    more_lower: Sequence[Batch] = ()  # the batches of inner steps 2..K (``first-order`` only)
 
 
 def global_norm(grads: dict[str, torch.Tensor]) -> float:
@@ -93,6 +94,32 @@ class Preserve:
     weight: float
     parent: dict[str, torch.Tensor]
     at: str = "both"
+
+
+@dataclass
+class Subspace:
+    """The upper level's k/v updates kept to the directions ``Q`` ``[c, r]`` of the text embeddings that carry the
+    targets (:func:`engine.editing.discriminative_basis`): each gradient becomes ``g Q Q^T`` and, after each
+    optimiser step, ``W = W0 + (W - W0) Q Q^T`` (the optimiser's per-element scaling leaves the plane otherwise), so
+    ``W c = W0 c`` for every embedding ``c`` orthogonal to ``Q``. ``parent``: those k/v weights at the start."""
+
+    basis: torch.Tensor
+    parent: dict[str, torch.Tensor]
+
+    def _plane(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.basis.to(x.device, torch.float32)
+        return ((x.float() @ q) @ q.T).to(x.dtype)
+
+    def project(self, grads: dict[str, torch.Tensor]) -> None:
+        for k in self.parent:
+            if k in grads:
+                grads[k] = self._plane(grads[k])
+
+    @torch.no_grad()
+    def restore(self, params: dict[str, torch.Tensor]) -> None:
+        for k, w0 in self.parent.items():
+            w = params[k]
+            w.copy_(w0.to(w.device, w.dtype) + self._plane(w - w0.to(w.device, w.dtype)))
 
 
 def ascended(loss: torch.Tensor, how: str = "loss", cap: float = 1.0) -> torch.Tensor:
@@ -172,7 +199,20 @@ class BiLevel:
         adapted = {k: self.params[k] - self.inner_lr * (grads[k] if create_graph else grads[k].detach())
                    for k in self.lower}
         g_upper = {k: grads[k].detach() for k in self.upper} if with_upper else None
+        if task.more_lower:
+            if create_graph or self.gradient != "first-order":
+                raise ValueError("several inner steps need gradient = 'first-order' (nothing is carried back "
+                                 "through steps 2..K)")
+            adapted = self._more_inner_steps(adapted, task.more_lower)
         return adapted, float(loss.detach()), g_upper
+
+    def _more_inner_steps(self, adapted: dict[str, torch.Tensor], batches: Sequence[Batch]) -> dict:
+        """Inner SGD steps 2..K from ``adapted``, one batch each, without a graph (first-order)."""
+        for batch in batches:
+            at = {k: v.detach().requires_grad_(True) for k, v in adapted.items()}
+            grads = torch.autograd.grad(self.inner_objective(at, batch), list(at.values()), materialize_grads=True)
+            adapted = {k: (v - self.inner_lr * g).detach() for (k, v), g in zip(at.items(), grads)}
+        return adapted
 
     def _merge(self, adapted: list[dict]) -> tuple[dict, float]:
         if self.merge_fn is None:

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import check_image_sets, load_image_set, profile_image_sets
+from ..image_sets import check_image_sets, load_image_set, profile_image_sets
 from ..diffusion import concept_rows, seeded_generator, encode_images, encode_prompts, prompts_rows, training_scheduler
-from ..editing import merge_projector
+from ..editing import discriminative_basis, merge_projector
 from ..errors import UsageError
 from ..models import kv_layer_names, param_names
 from ..profile import Concept, Profile
 from . import MethodSpec, get_method
-from .core import Batch, BiLevel, Preserve, StepStats, Task, make_merge_fn
+from .core import Batch, BiLevel, Preserve, StepStats, Subspace, Task, make_merge_fn
 from .distributed import Split, current_split, process_device
 
 SAMPLE_SEEDS = (1000, 1001, 1002, 1003)
@@ -72,14 +72,17 @@ def draw_batch(c: ConceptData, batch: int, gen: torch.Generator, num_train_times
     return Batch(lat, ctx.to(lat.dtype), noise, t, n_instance=batch)
 
 
-def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: int, step: int) -> list[Task]:
+def make_tasks(spec: MethodSpec, concepts: list[ConceptData], batch: int, seed: int, step: int,
+               inner_steps: int = 1) -> list[Task]:
     def draw(c: ConceptData, level: str) -> Batch:
         return draw_batch(c, batch, seeded_generator(seed, step, c.name, level))
 
+    more = [f"lower-{j}" for j in range(2, inner_steps + 1)]  # inner step 1 keeps its batch of one-step runs
     if spec.tasks == "joint":
         return [Task("joint", Batch.cat([draw(c, "lower") for c in concepts]),
-                     Batch.cat([draw(c, "upper") for c in concepts]))]
-    return [Task(c.name, draw(c, "lower"), draw(c, "upper")) for c in concepts]
+                     Batch.cat([draw(c, "upper") for c in concepts]),
+                     [Batch.cat([draw(c, level) for c in concepts]) for level in more])]
+    return [Task(c.name, draw(c, "lower"), draw(c, "upper"), [draw(c, level) for level in more]) for c in concepts]
 
 
 # ------------------------------------------------------------------------------------------- preparation
@@ -111,6 +114,7 @@ class Setup:
     kv_names: set[str]
     split: Split | None = None  # this process's share of the tasks under a multi-process launch
     keep: KeepPool | None = None  # what the preservation term draws its batches from
+    subspace: Subspace | None = None  # the plane the upper level's k/v updates are kept to
 
 
 @dataclass
@@ -174,37 +178,56 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
     if merge_fn is not None and s.merge.anchor == "pretrained" and not alternating:
         params = dict(unet.named_parameters())
         anchor = {k: params[k].detach().clone() for k in lower}
-    preserve, keep = None, None
-    if s.preserve_weight > 0:
+    preserve, keep, subspace = None, None, None
+    params = dict(unet.named_parameters())
+    if s.preserve_weight > 0 or s.subspace == "target":
         prompts = keep_prompts(profile, others)
         if not prompts:
-            raise ImmunizationError("immunize.preserve_weight > 0 but the preservation term has no prompts "
-                                    f"(preserve_prompts = {s.preserve_prompts!r} and the group has no other concepts)")
-        params = dict(unet.named_parameters())
-        preserve = Preserve(s.preserve_weight, {k: params[k].detach().clone() for k in upper}, s.preserve_at)
+            raise ImmunizationError("immunize.preserve_weight > 0 or subspace = 'target' but there are no prompts "
+                                    f"to keep (preserve_prompts = {s.preserve_prompts!r} and the group has no other "
+                                    "concepts)")
         with torch.no_grad():  # noisy prior (class) latents under the kept prompts: the inputs only; the parent's
             contexts = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)  # prediction is the target
         keep = KeepPool(contexts, torch.cat([c.prior for c in concepts]), prompts)
-    bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight,
-                      "first-order" if alternating else s.gradient, s.fd_eps, merge_fn, anchor, s.fd_scheme,
-                      preserve, s.ascent, s.ascent_cap)
-    return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep)
+    if s.preserve_weight > 0:
+        preserve = Preserve(s.preserve_weight, {k: params[k].detach().clone() for k in upper}, s.preserve_at)
+    if s.subspace == "target":
+        names = [k for k in kv_layer_names(unet) if k in set(upper)]  # every upper set holds them
+        kinds = [[i for i, p in enumerate(keep.prompts) if p in set(c.prompt for c in others)]]
+        kinds.append([i for i in range(len(keep.prompts)) if i not in set(kinds[0])])  # the captions
+        basis = discriminative_basis(torch.cat([c.context for c in concepts]),
+                                     [keep.contexts[ix].flatten(0, 1) for ix in kinds if ix],
+                                     min(s.subspace_rank, keep.contexts.shape[-1]), s.subspace_ridge)
+        subspace = Subspace(basis, {k: params[k].detach().clone() for k in names})
+    keep = keep if s.preserve_weight > 0 else None
+    gradient = "first-order" if alternating else s.gradient
+    if s.inner_steps > 1 and gradient != "first-order":
+        raise ImmunizationUsageError(f"immunize.inner_steps = {s.inner_steps} needs immunize.gradient = "
+                                     f"\"first-order\" (it is {gradient!r}): nothing is carried back through inner "
+                                     "steps 2..K")
+    bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, gradient, s.fd_eps,
+                      merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap)
+    return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep, subspace=subspace)
 
 
 def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
     """One outer step: the meta-gradient (or the alternating scheme's gradient), then the ascent step."""
     s = profile.immunize
-    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step)
+    tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step, s.inner_steps)
     keep = (setup.keep.draw(s.preserve_batch, seeded_generator(profile.model.seed, step, "preserve", "upper"))
             if setup.keep is not None else None)
     core = setup.bilevel
     fn = core.alternating_gradient if setup.spec.algorithm == "alternating" else core.meta_gradient
     grads, stats = fn(tasks, setup.split, keep)
     _check_finite(stats, step)
+    if setup.subspace is not None:
+        setup.subspace.project(grads)
     for k, g in grads.items():
         core.params[k].grad = g.to(core.params[k].dtype)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if setup.subspace is not None:
+        setup.subspace.restore(core.params)
     return stats
 
 

@@ -116,8 +116,12 @@ def fingerprint(images: Images) -> bytes:
     return h.digest()
 
 
-def chunks(images: list, size: int):
-    for i in range(0, len(images), size):
+def chunks(images: Images, size: int):
+    """Slices of at most ``size`` images of a set (one image ``[H, W, 3]`` / ``[3, H, W]`` is one slice)."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+        yield images
+        return
+    for i in range(0, num_images(images), size):
         yield images[i : i + size]
 
 

@@ -113,7 +113,7 @@ its generations are cached under (the model's hash, :func:`engine.models.model_h
 def utility_images(source: ModelSource, prompts: Sequence[UtilityPrompt], profile: Any, cache_dir: Path | None,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """``{prompt name: uint8 [n, H, W, 3]}`` generations of each prompt by one model (cached by its key)."""
-    from engine.data import generated_set
+    from engine.image_sets import generated_set
 
     pipe_fn, key = source
     u = profile.utility
@@ -305,7 +305,10 @@ def measure_run_utility(writer: Any, profile: Any, targets: Sequence[str], other
 
 
 def log_utility(writer: Any, u: Utility, **tags: Any) -> None:
-    """Write the utility events of :mod:`this module <engine.metrics.utility>` and ``extra.utility`` in the status."""
+    """Write the utility events of :mod:`this module <engine.metrics.utility>` and ``extra.utility`` in the status
+    (:class:`~engine.runs.UtilitySummary`)."""
+    from engine.runs import UtilitySummary
+
     for which in MODELS:
         for p in u.prompts:
             for metric, value in u.scores.get(which, {}).get(p.name, {}).items():
@@ -313,7 +316,8 @@ def log_utility(writer: Any, u: Utility, **tags: Any) -> None:
                            tags={**tags, "metric": metric, "concept": p.name, "role": p.role, "model": which})
     summary = u.to_dict()
     writer.log("metric", EVENT, u.share, phase=EVENT, tags={**tags, "metric": u.primary}, summary=summary)
-    writer.set_status(extra={EVENT: {k: summary[k] for k in ("primary", "threshold", "share", "collapsed", "roles")}})
+    status = UtilitySummary(**{k: summary[k] for k in ("primary", "threshold", "share", "collapsed", "roles")})
+    writer.set_status(extra={EVENT: status.to_dict()})
 
 
 def read_utility(run_dir: str | Path) -> Utility | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import images_to_tensor, seeded_generator, tokenize
-from ..runs import _write_json_atomic
+from ..runs import atomic_savez, atomic_write
 from . import world
 from .build import DEFAULT, NOISE_SCHEDULE, TestbedConfig, assemble_pipeline, make_text_encoder, make_tokenizer, make_unet, make_vae
 
@@ -35,9 +34,7 @@ def _noop(stage: str, step: int, total: int, info: dict) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _load(path: Path):
@@ -100,9 +97,7 @@ def stage_data(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     prompts = np.array([it.prompt() for it in items])
     labels = np.array([it.labels() for it in items], dtype=np.int64)
     looks = np.array([it.look_labels() for it in items], dtype=np.int64)
-    tmp = out / "data.tmp.npz"
-    np.savez(tmp, images=images, prompts=prompts, labels=labels, looks=looks)
-    os.replace(tmp, out / "data.npz")
+    atomic_savez(out / "data.npz", images=images, prompts=prompts, labels=labels, looks=looks)
 
 
 def _data(out: Path, *keys: str) -> dict:
@@ -438,7 +433,7 @@ def build_testbed(out: str | Path, cfg: TestbedConfig = DEFAULT, seed: int = 0, 
 
     def record(stage: str, since: float, base: float) -> None:
         timings[stage] = base + time.monotonic() - since
-        _write_json_atomic(timings_path, timings)
+        atomic_write(timings_path, json.dumps(timings, indent=2) + "\n")
 
     for stage in stages:
         if (out / f"{stage}.done").exists():

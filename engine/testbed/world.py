@@ -19,6 +19,10 @@ Everything mima measures on the testbed is grounded here. Concepts:
   ``"object"`` (generic blobs, none of the objects) and each object's own prompt.
 
 Every image is a pure function of ``(item, seed)``: :func:`render` draws from ``numpy.random.default_rng(seed)``.
+
+One module of ~700 lines on purpose: the shipped testbed weights and judge were trained on exactly these renders, so
+the concept tables, colours, textures, silhouettes and prompts are read (and changed) together, and a split would
+only spread one seeded drawing order over several files.
 """
 
 from __future__ import annotations

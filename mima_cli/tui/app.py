@@ -16,6 +16,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.css.query import NoMatches
 
+from engine.runs import Runs
 from mima_cli.tui.data import RunData, RunSummary
 from mima_cli.tui.screens import HelpScreen, RunScreen, RunsScreen, SyncScreen
 from mima_cli.tui.watcher import RunEvents, RunGone, RunsScanned, RunsWatcher, WatchError
@@ -130,10 +131,8 @@ class MimaTui(App[None]):
         summary = self.summaries.get(run_id)
         if summary is not None and summary.get("twin"):
             return str(summary.get("twin"))
-        for other in self.summaries.values():
-            if other.get("twin") == run_id:
-                return other.id
-        return None
+        named = Runs({**s.status, "id": s.id} for s in self.summaries.values()).children(run_id, "twin")
+        return named[0].id if named else None
 
     def open_run(self, run_id: str) -> None:
         screen = RunScreen(run_id)

@@ -1,6 +1,6 @@
 """What the dashboard knows about runs, built only from run-directory events (no Textual here).
 
-:class:`RunData` folds the events of one run (see ``engine/runs.py`` for the schema) into what the run
+:class:`RunData` folds the events of one run (see :mod:`engine.runs` for the schema) into what the run
 screen draws: scalar series, the latest image per name, the metric table and the status messages.
 :class:`RateMeter` turns progress events into steps/s and an ETA for the runs list.
 """
@@ -413,7 +413,7 @@ def downsample(points: list[tuple[float, float]], limit: int) -> tuple[list[floa
 
 _PAIR_SIDES = {"T": ("T|A", True), "A": ("T|A", False), "r-T": ("r-T|r-A", True), "r-A": ("r-T|r-A", False)}
 """An attack pair's ``sim/`` events live in the immunized run, tagged with the side they measure: ``pair=T`` /
-``r-T`` the immunized run's own images, ``pair=A`` / ``r-A`` its twin's (see :mod:`engine.evaluate`)."""
+``r-T`` the immunized run's own images, ``pair=A`` / ``r-A`` its twin's (see :mod:`engine.metrics.pairs`)."""
 
 
 def compare_cells(mine: dict[tuple[str, str, str], Any],

@@ -3,7 +3,7 @@
     python -m mima_cli.tui.demo runs-demo --steps 300 --delay 0.2 &
     mima tui runs-demo
 
-writes, step by step, the events the engine writes (see ``engine/runs.py``):
+writes, step by step, the events the engine writes (see :mod:`engine.runs`):
 
 * an immunize run (``inner_loss/<concept>``, ``outer_loss``, ``prior_loss``, ``merge_residual``,
   ``grad_norm``, ``step_seconds``, ``peak_memory_mb``, images ``samples/<concept>``);

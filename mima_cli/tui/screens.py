@@ -1,4 +1,8 @@
-"""The screens: every run (:class:`RunsScreen`), one run (:class:`RunScreen`) and the key help."""
+"""The screens: every run (:class:`RunsScreen`), one run (:class:`RunScreen`) and the key help.
+
+Over 450 lines because :class:`RunScreen` draws five tabs (curves, samples, metrics, log, compare) from one
+``sync`` that reads top to bottom; the data they draw is folded in :mod:`mima_cli.tui.data`, outside Textual.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ attack that needs the same images draws them once.
 
 ``check_image_sets(profile_image_sets(profile, ...))`` opens every file of the folder sets a job will read, so that
 a missing folder, an empty one or an unreadable image is reported (naming the concept, the file and the reason)
-before any work starts and before any run directory exists.
+before any work starts and before any run directory exists. ``load_references(profile, concepts, ...)`` gives the
+concepts' ``images.reference`` sets, which every similarity metric compares with.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .profile import FolderImages, GenerateImages, ImageSet, Profile, ProfileError, RenderImages
+from .runs.files import atomic_savez
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -112,13 +115,6 @@ def render_set(prompt: str, seeds: range, concept: str | None = None) -> np.ndar
     return np.stack([world.render(item, world.item_seed(item, 0, s)) for s in seeds])
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def generated_set(pipe_fn: Callable[[], object], model_key: str, prompt: str, seeds: range, steps: int,
                   guidance: float, cache_dir: Path | None, progress=None) -> np.ndarray:
     """Generations of ``prompt`` (image i: seed ``seeds[i]``) by the model ``pipe_fn()`` returns, cached."""
@@ -137,7 +133,7 @@ def generated_set(pipe_fn: Callable[[], object], model_key: str, prompt: str, se
             progress(min(i + 8, len(seeds)), len(seeds))
     images = np.concatenate(chunks)
     if path:
-        _atomic_savez(path, images=images, meta=np.array(json.dumps({"model": model_key, "prompt": prompt})))
+        atomic_savez(path, images=images, meta=np.array(json.dumps({"model": model_key, "prompt": prompt})))
     return images
 
 
@@ -156,3 +152,25 @@ def load_image_set(spec: FolderImages | GenerateImages | RenderImages, *, prompt
     if images.shape[1] != size:
         images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
     return images
+
+
+def load_references(profile: Any, concepts: Sequence[str], size: int, runs_dir: str | Path,
+                    device: str | None = None) -> dict[str, np.ndarray]:
+    """``images.reference`` of each concept at ``size`` px (generated sets are made by ``[model] base``, cached)."""
+    cache: dict[str, Any] = {}
+
+    def base_pipe():
+        if "p" not in cache:
+            from engine.models import load_pipeline, pick_device, pick_dtype
+
+            cache["p"] = load_pipeline(profile.model.base, pick_device(device or profile.model.device),
+                                       pick_dtype(profile.model.dtype))
+        return cache["p"]
+
+    out = {}
+    for name in concepts:
+        c = profile.concept(name)
+        out[name] = load_image_set(c.images.reference, prompt=c.prompt, size=size, concept=c.name, pipe_fn=base_pipe,
+                                   model_key=profile.model.base, steps=profile.model.sample_steps,
+                                   guidance=profile.model.guidance, cache_dir=Path(runs_dir) / ".cache")
+    return out
