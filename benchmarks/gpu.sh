@@ -1,9 +1,7 @@
 #!/bin/bash
-# Issue #8's device check, one run on an NVIDIA H100/H200 (about 6 minutes): the `mima bench` table at SD v1.4
-# shapes (random weights, bf16 autocast) and the fd (bf16) / exact (fp32) agreement at N = 2.
-#
-# The device has PyTorch but not diffusers: carry its wheel (see benchmarks/README.md), e.g. with the device tool:
-#   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
+# The `mima bench` table at SD v1.4 shapes (random weights, bf16 autocast) and the fd (bf16) / exact (fp32)
+# agreement at N = 2, on one NVIDIA H100/H200 (about 6 minutes).
+# Needs PyTorch with CUDA; diffusers is installed from the wheels in .whl/ (see benchmarks/README.md).
 # Results: $OUT/bench.jsonl and $OUT/agreement.jsonl (one JSON object per line).
 set -o pipefail
 OUT=${OUT:-/tmp/mima-gpu}

@@ -28,9 +28,19 @@ SD1_UNET = dict(
 )
 SD2_UNET = dict(SD1_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 TEXT = {"sd1": (77, 768), "sd2": (77, 1024)}
-# GiB of a naive exact step on SD 1.x at batch 2 in bf16 (measured on an H200 with `python -m engine.bench`, table in
-# benchmarks/README.md: 89.1 at N=2, 127.1 at N=3); rows predicted above 90% of the card are skipped instead of run
-EXACT_GIB = {"base": 13.2, "per_concept": 38.0}
+STEP_GIB = {"fine-tune": (17.8, 0.0), "exact": (13.1, 38.0), "fd": (41.7, 16.0), "first-order": (41.5, 13.0)}
+"""Peak GiB of one step at SD 1.x shapes as ``(base, per concept)``: the line through the measurements at N = 2 and 3
+(one H200, batch 2 per concept at 64x64 latents, bf16 autocast; table in benchmarks/README.md). They were measured
+while the upper level still ran every concept's batch at once; it now runs one at a time, so for fd and first-order
+the per-concept slope is an upper bound until re-measured. ``run`` skips the exact rows predicted above 90% of the
+card instead of running them."""
+
+
+def predicted_gib(mode: str, n: int) -> float:
+    """Predicted peak GiB of a ``mode`` step (``fine-tune``, ``exact``, ``fd``, ``first-order``) for N concepts at SD 1.x
+    shapes, 512 px, one instance and one prior image per concept (:data:`STEP_GIB`)."""
+    base, per = STEP_GIB[mode]
+    return base + per * n
 
 
 def build_unet(arch: str):
@@ -164,7 +174,7 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
     for n in ns:
         for mode in modes:
             if mode == "exact":
-                need = EXACT_GIB["base"] + EXACT_GIB["per_concept"] * n if arch != "testbed" else 0.0
+                need = predicted_gib("exact", n) if arch != "testbed" else 0.0
                 if need > 0.9 * total_gib:
                     row = {**base, "name": "mima", "mode": mode, "n": n, "skipped": f"predicted {need:.0f} GiB > "
                            f"0.9 x {total_gib:.0f} GiB"}
@@ -186,7 +196,7 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
     (float32, classic attention with a double backward) for the same random UNet, tasks and merge.
 
     ``latent`` (default: the architecture's) shrinks the latents, not the network: an exact float32 step at SD 1.x
-    shapes needs about twice the bf16 figure in :data:`EXACT_GIB`, beyond one card at 64x64 for N = 2."""
+    shapes needs about twice the bf16 figure in :data:`STEP_GIB`, beyond one card at 64x64 for N = 2."""
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor
 

@@ -77,7 +77,7 @@ def resolve_model(ref: str | Path) -> Path:
         except Exception:
             raise ModelNotAvailable(
                 f"{ref}: not in the local Hugging Face cache and downloads are off; fetch it once with "
-                f"`huggingface-cli download {ref}` on a machine with network, or pass a local folder"
+                f"`hf download {ref}` on a machine with network, or pass a local folder"
             ) from None
     raise ModelNotAvailable(f"{ref}: no such folder, and not a hub id of the form owner/name")
 

@@ -31,6 +31,8 @@ COMMANDS = (
     "report",
     "reproduce",
     "sweep",
+    "export",
+    "doctor",
     "bench",
     "tui_cmd",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -155,6 +156,19 @@ def _markdown(report) -> str:
     return "\n".join(out)
 
 
+GENERATED = "<!-- below: `mima report --markdown` output; `--into` replaces it -->"
+
+
+def write_into(path, markdown: str) -> None:
+    """Replace what follows the :data:`GENERATED` line of a Markdown file with ``markdown`` (the text above it stays);
+    a file without that line gets it, and the tables, at its end. Written atomically."""
+    from engine.runs import atomic_write
+
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    head = text.split(GENERATED, 1)[0].rstrip("\n")
+    atomic_write(path, (head + "\n\n" if head else "") + GENERATED + "\n\n" + markdown.rstrip("\n") + "\n")
+
+
 def _csv(report) -> str:
     rows = report.rows_flat()
     buf = io.StringIO()
@@ -202,6 +216,9 @@ def report_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
     csv_out: bool = typer.Option(False, "--csv", help="Print one CSV row per table cell."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown."),
+    into: Path = typer.Option(None, "--into", metavar="FILE.md",
+                              help="With --markdown: write the tables into FILE.md below its generated-tables line "
+                                   "(the text above it stays) instead of printing them."),
     grid: str = typer.Option(None, "--grid", metavar="FILE.png",
                              help="Write the qualitative grid: per concept, reference | unimmunized | immunized."),
     chart: bool = typer.Option(True, "--chart/--no-chart", help="Similarity-vs-attack-step charts after the tables."),
@@ -215,6 +232,8 @@ def report_cmd(
 
     if sum(map(bool, (json_out, csv_out, markdown))) > 1:
         fail("choose one of --json, --csv, --markdown", EXIT_USAGE)
+    if into is not None and not markdown:
+        fail("--into writes Markdown: add --markdown", EXIT_USAGE)
     rd = runs_dir(ctx)
     try:
         pairs = collect_pairs(rd, runs or None)
@@ -237,6 +256,9 @@ def report_cmd(
         print_json(report.to_dict())
     elif csv_out:
         typer.echo(_csv(report), nl=False)
+    elif markdown and into is not None:
+        write_into(into, _markdown(report))
+        err_console.print(f"wrote the tables into {into}", highlight=False)
     elif markdown:
         typer.echo(_markdown(report))
     else:

@@ -63,7 +63,7 @@ def _run(ctx: typer.Context, profile: str, sets: list[str], methods: list[str] |
     if str(p.model.base) == "testbed":
         console.print("[dim]numbers measured on the testbed (mima's tiny procedural world), not on Stable Diffusion[/]")
     report_cmd(ctx, runs=[r.name for r in log.immunize_runs], step=None, json_out=False, csv_out=False,
-               markdown=False, grid=None, chart=False)  # ends with a warning naming any collapsed model
+               markdown=False, into=None, grid=None, chart=False)  # ends with a warning naming any collapsed model
 
 
 def reproduce_cmd(

@@ -173,7 +173,7 @@ def test_single_task_without_merge_matches_unrolled_inner_step():
 def test_mean_merge_is_the_joint_step_so_mima_differs_from_jt_only_by_the_kv_merge():
     """With one inner SGD step, the mean of the concepts' adapted copies is JT's step on the mixed batch (JT's loss is
     the mean of theirs), and the upper objective sums what JT averages: MIMA with every parameter averaged has N
-    times JT's meta-gradient. What sets MIMA apart from JT is the closed-form k/v merge (README, testbed reproductions).
+    times JT's meta-gradient. What sets MIMA apart from JT is the closed-form k/v merge (docs/testbed.md, earlier reproductions).
     The tasks are the runner's own (``make_tasks`` of the registered methods), so a change to JT's batches shows."""
     unet, lower, upper, kv, rows, reg, _ = problem(3)
     g = torch.Generator().manual_seed(3)

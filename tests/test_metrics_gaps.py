@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics.gaps import GroupGaps, gap_ratio, group_gaps, mean_gap, mrsgr, mrsgr_images, msgr, msgr_images
+from engine.metrics.gaps import gap_ratio, mrsgr, mrsgr_images, msgr, msgr_images
 
 # ----------------------------------------------------------------------------------------------- MSGR on numbers
 
@@ -98,15 +98,6 @@ def test_mrsgr_undefined_cases():
     assert "no target concepts" in mrsgr({}, {"o": 0.5}).note
 
 
-def test_mean_gap():
-    a, b = msgr({"x": (0.8, 0.6)}), msgr({"x": (0.5, 0.5)})
-    value, note = mean_gap([a, b])
-    assert value == pytest.approx(12.5) and note is None
-    value, note = mean_gap([a, msgr({"x": (0.0, 0.5)})])
-    assert value is None and "1 of 2" in note
-    assert mean_gap([])[0] is None
-
-
 # ----------------------------------------------------------------------------------------------- from images
 
 
@@ -182,17 +173,3 @@ def test_accuracy_backend_msgr_and_mrsgr():
     r = mrsgr_images(b, attacked, immunized, ["t"], ["o"])
     assert r.target_mean == pytest.approx(6 / 16) and r.other_mean == pytest.approx(0.5)
     assert r.value == pytest.approx(100 * (0.5 - 0.375) / 0.5)
-
-
-def test_group_gaps_per_metric_and_step():
-    refs = {"t": _images(0)}
-    attacked = {10: {"t": _images(0), "o": _images(0)}, 20: {"t": _images(0), "o": _images(0)}}
-    immunized = {10: {"t": _images(60), "o": _images(0)}, 20: {"t": _images(90)}}  # step 20 lacks "o"
-    res = group_gaps({"angle": AngleBackend()}, ["t"], ["o"], refs, attacked, immunized)
-    assert [(g.metric, g.step) for g in res] == [("angle", 10), ("angle", 20)]
-    assert all(isinstance(g, GroupGaps) for g in res)
-    assert res[0].msgr.value == pytest.approx(50.0) and res[1].msgr.value == pytest.approx(100.0)
-    assert res[0].mrsgr.value == pytest.approx(50.0)  # M_t = 0.5, M_o = 1
-    assert res[1].mrsgr.value is None and "no generations of o at step 20" in res[1].mrsgr.note
-    with pytest.raises(KeyError, match="step 30"):
-        group_gaps([AngleBackend()], ["t"], [], refs, {30: attacked[10]}, immunized)

@@ -81,6 +81,19 @@ def test_rich_tables_csv_and_markdown(built):
     assert invoke("--runs-dir", built["runs"], "report", "--json", "--csv").exit_code == 2
 
 
+def test_markdown_into_a_file_keeps_the_text_above_the_generated_line(built, tmp_path):
+    from mima_cli.report import GENERATED
+
+    md = invoke("--runs-dir", built["runs"], "report", "--markdown").stdout
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nHow these were made.\n")
+    for _ in range(2):  # the second run replaces the tables the first one wrote
+        res = invoke("--runs-dir", built["runs"], "report", "--markdown", "--into", doc)
+        assert res.exit_code == 0, res.output
+        assert doc.read_text() == "# Results\n\nHow these were made.\n\n" + GENERATED + "\n\n" + md.rstrip("\n") + "\n"
+    assert invoke("--runs-dir", built["runs"], "report", "--into", doc).exit_code == 2
+
+
 def test_grid_png(built, tmp_path):
     out = tmp_path / "grid.png"
     res = invoke("--runs-dir", built["runs"], "report", "--no-chart", "--grid", out)

@@ -400,25 +400,25 @@ def test_build_set_refuses_non_finite_numbers():
             DEFAULT.with_overrides([bad])
 
 
-def _readme_block(marker: str) -> str:
-    """The ```python block of README.md that contains ``marker``, as written."""
+def _doc_block(doc: str, marker: str) -> str:
+    """The ```python block of the Markdown file ``doc`` (relative to the repository) that contains ``marker``."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / doc).read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if marker in b]
-    assert len(blocks) == 1, f"expected one README python block with {marker!r}, found {len(blocks)}"
+    assert len(blocks) == 1, f"expected one python block of {doc} with {marker!r}, found {len(blocks)}"
     return blocks[0]
 
 
-def test_readme_plain_diffusers_snippet_runs_without_mima(tmp_path):
-    """The README's plain-diffusers snippet, as written, in a fresh process that never imports mima's CLI: it loads
+def test_docs_plain_diffusers_snippet_runs_without_mima(tmp_path):
+    """docs/testbed.md's plain-diffusers snippet, as written, in a fresh process that never imports mima's CLI: it loads
     the shipped testbed and generates (a text encoder stored in another dtype than the rest made this crash)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    snippet = _readme_block("engine.testbed.PIPELINE_DIR")
+    snippet = _doc_block("docs/testbed.md", "engine.testbed.PIPELINE_DIR")
     assert "image = pipe(" in snippet
     check = ("\nimport sys, numpy as np\n"
              "assert not any(m == 'mima_cli' or m.startswith('mima_cli.') for m in sys.modules)\n"

@@ -1,4 +1,4 @@
-"""Image-similarity metrics and the gap ratios MSGR / MRSGR (PAPER.md, Eq. 10-13).
+"""Image-similarity metrics and the gap ratios MSGR / MRSGR (docs/method.md, Eq. 10-13).
 
     from engine.metrics import get_backend, get_backends
     clip = get_backend("clip", profile.eval)              # ViT-B-32 / openai unless the profile says otherwise

@@ -98,6 +98,26 @@ def _how(repo: str | None, filename: str | None) -> str:
     return fix
 
 
+def cached_checkpoint(cfg: dict, cache_dir: str | os.PathLike | None = None) -> tuple[str | None, str | None, str, str]:
+    """``(local file or None, hub repo or None, file name, where it was looked for)`` of the weights of an open_clip
+    pretrained config (``open_clip.get_pretrained_cfg``); never downloads. A hub repo's safetensors file comes first."""
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" -> the default file name, as open_clip does
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = (["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else
+                 [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []) + [filename]
+        for name in names:
+            hit = try_to_load_from_cache(repo, name, cache_dir=hf_cache_dir(cache_dir))
+            if isinstance(hit, str):
+                return hit, repo, name, ""
+        return None, repo, names[0], f"{repo} ({', '.join(names)}) in the Hugging Face cache {hf_cache_dir(cache_dir)}"
+    filename = os.path.basename(cfg.get("url", ""))
+    path = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / filename
+    return (str(path) if path.is_file() else None), None, filename, str(path)
+
+
 def resolve_checkpoint(model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED, weights: str | None = None,
                        cache_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
     """The local checkpoint file of ``model``/``pretrained`` and the tag's open_clip config; downloads if allowed.
@@ -123,25 +143,9 @@ def resolve_checkpoint(model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRE
             return pretrained, cfg
         tags = open_clip.list_pretrained_tags_by_model(model)
         raise ValueError(f"unknown open_clip weights '{pretrained}' for {model}; known: {', '.join(tags) or 'none'}")
-    repo = filename = None
-    if cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" -> the default file name, as open_clip does
-        filename = filename or "open_clip_pytorch_model.bin"
-        names = (["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else
-                 [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []) + [filename]
-        for name in names:
-            hit = try_to_load_from_cache(repo, name, cache_dir=hf_cache_dir(cache_dir))
-            if isinstance(hit, str):
-                return hit, cfg
-        where = f"{repo} ({', '.join(names)}) in the Hugging Face cache {hf_cache_dir(cache_dir)}"
-    else:
-        filename = os.path.basename(cfg.get("url", ""))
-        path = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / filename
-        if path.is_file():
-            return str(path), cfg
-        where = str(path)
+    hit, repo, filename, where = cached_checkpoint(cfg, cache_dir)
+    if hit:
+        return hit, cfg
     if offline():
         raise MetricWeightsMissing(f"{what} not found offline (HF_HUB_OFFLINE=1): looked for {where}; "
                                    f"{_how(repo, filename)}")

@@ -1,4 +1,4 @@
-"""The gap ratios of the paper (PAPER.md, Metrics): MSGR and MRSGR, per concept, per group, metric and step.
+"""The gap ratios of the paper (docs/method.md, Metrics): MSGR and MRSGR, per concept, per group, metric and step.
 
     MSGR  = 100/|C| · Σ_n [M(x^r_n, x^A_n) − M(x^r_n, x^T_n)] / M(x^r_n, x^A_n)
     MRSGR = 100 · [M̄_other(x^I, x^A) − M̄_target(x^I, x^A)] / M̄_other(x^I, x^A)
@@ -21,8 +21,8 @@ Undefined values never raise: a term whose denominator is 0 (or not finite) is `
 mean over concepts with an undefined term is ``None`` too (it is not silently averaged over the rest). A negative
 denominator (cosines can be negative, 1 − LPIPS too) gives a number with a note that its sign is not meaningful.
 
-The pure functions :func:`msgr` and :func:`mrsgr` take numbers; :func:`msgr_images`, :func:`mrsgr_images` and
-:func:`group_gaps` compute the numbers from image sets with a backend of :mod:`engine.metrics`.
+The pure functions :func:`msgr` and :func:`mrsgr` take numbers; :func:`msgr_images` and :func:`mrsgr_images`
+compute the numbers from image sets with a backend of :mod:`engine.metrics`.
 """
 
 from __future__ import annotations
@@ -85,16 +85,6 @@ class Mrsgr:
     kind: str = "similarity"
     random_init: bool = False
     note: str | None = None
-
-
-@dataclass(frozen=True)
-class GroupGaps:
-    """MSGR and MRSGR of one group for one metric at one attack step."""
-
-    metric: str
-    step: int | None
-    msgr: Msgr
-    mrsgr: Mrsgr
 
 
 def _symbols(kind: str) -> tuple[str, str]:
@@ -197,41 +187,3 @@ def mrsgr_images(backend: Any, attacked: Mapping[str, Images], immunized: Mappin
 
     return mrsgr({n: sim(n) for n in targets}, {n: sim(n) for n in others}, metric=backend.name, step=step,
                  kind=kind, random_init=backend.random_init)
-
-
-def group_gaps(backends: Mapping[str, Any] | Sequence[Any], targets: Sequence[str], others: Sequence[str],
-               references: Mapping[str, Images] | None, attacked: Mapping[int | None, Mapping[str, Images]],
-               immunized: Mapping[int | None, Mapping[str, Images]]) -> list[GroupGaps]:
-    """MSGR (over ``targets``) and MRSGR of one group, for every backend and every attack evaluation step.
-
-    ``attacked[step][concept]`` / ``immunized[step][concept]``: generations at that step of the attack on the
-    unimmunized / immunized model, for every target and other concept (MSGR needs the targets only). MRSGR is
-    left undefined (with a note) at a step that lacks the other concepts. Results are ordered by metric, then step.
-    """
-    items = list(backends.values()) if isinstance(backends, Mapping) else list(backends)
-    out = []
-    for backend in items:
-        for step in attacked:
-            if step not in immunized:
-                raise KeyError(f"no immunized generations at step {step}")
-            a, i = attacked[step], immunized[step]
-            m = msgr_images(backend, references, a, i, targets, step=step)
-            missing = [n for n in (*targets, *others) if n not in a or n not in i]
-            if missing:
-                r = Mrsgr(value=None, target_mean=None, other_mean=None, terms=(), metric=backend.name, step=step,
-                          kind=_kind(backend), random_init=backend.random_init,
-                          note=f"undefined: no generations of {', '.join(missing)} at step {step}")
-            else:
-                r = mrsgr_images(backend, a, i, targets, others, step=step)
-            out.append(GroupGaps(metric=backend.name, step=step, msgr=m, mrsgr=r))
-    return out
-
-
-def mean_gap(results: Sequence[Msgr | Mrsgr]) -> tuple[float | None, str | None]:
-    """The mean of several groups' MSGR (or MRSGR) values; ``(None, why)`` when one of them is undefined."""
-    if not results:
-        return None, "undefined: no groups"
-    undefined = [r for r in results if r.value is None]
-    if undefined:
-        return None, f"undefined: {len(undefined)} of {len(results)} values are undefined ({undefined[0].note})"
-    return sum(r.value for r in results) / len(results), None

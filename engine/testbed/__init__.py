@@ -11,7 +11,6 @@ The shipped pipeline folder also opens with plain diffusers:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .build import DEFAULT
@@ -52,7 +51,3 @@ def load_judge(path: str | Path | None = None):
 
     return load_judge_file(_need(Path(path) if path else JUDGE_FILE))
 
-
-def pipeline_config(folder: str | Path | None = None) -> dict:
-    """The :class:`~engine.testbed.build.TestbedConfig` the pipeline was built with, as a dict."""
-    return json.loads((Path(folder or PIPELINE_DIR) / "testbed.json").read_text())["config"]

@@ -75,7 +75,7 @@ PERSONAL: tuple[Personal, ...] = (
 PATTERNS = ("tips", "lower", "side", "band", "plain")
 """The accent regions of a personal instance, each a coarse part of the silhouette (25-60% of it, where no detail is
 drawn over it): the outer tips, the lower half, the far side, a central band, or none. Fine marks (dots, stripes,
-checks, spots of 7-10 px) were learned by no attack within 160 steps on the testbed UNet (issue #5's GPU sweep)."""
+checks, spots of 7-10 px) were learned by no attack within 160 steps on the testbed UNet (docs/testbed.md)."""
 DETAILS = ("eye", "center", "door", "outline", "halo")
 PERSONAL_BY_NAME = {p.name: p for p in PERSONAL}
 
@@ -320,8 +320,7 @@ def _style_field(style: str, rng: np.random.Generator) -> tuple[np.ndarray, int]
         return np.where(border > 0.5, 3.0, field), 4
     if style == "zigler":
         # two-colour bands displaced by a steep, sharp zigzag (slope 1.4, corners every 12-16 px, period 26-32 px
-        # along u): a coarse feature. Gentle zigzags (slope 0.9, period 14-19 px) were drawn as wavell's waves by the
-        # UNet (0.44-0.50 of zigler's generations recognised; this drawing 1.00, issue #3)
+        # along u): a coarse feature, so that the UNet does not draw it as wavell's waves (docs/testbed.md)
         period, seg = rng.uniform(26, 32), rng.uniform(12, 16)
         u, v = _rot(x, y, angle)
         tri = np.abs(((v / seg) % 2) - 1) * seg * 1.4
@@ -567,8 +566,8 @@ def _looked_image(obj: str, body: np.ndarray, pattern: str, accent: np.ndarray, 
     x, y = _grid()
     u, v = _rot(x, y, angle, cx, cy)
     u, v = u / scale, v / scale  # object-local unit coordinates
-    # Every accent is a coarse region of the silhouette and every detail 7 px or more across: DreamBooth learns the
-    # body colour and a large detail of some instances within 40-80 steps, fine marks not within 160 (issue #5)
+    # Every accent is a coarse region of the silhouette and every detail 7 px or more across: the attacks learn
+    # coarse parts within 40-80 steps, fine marks not within 160 (docs/testbed.md)
     if pattern == "tips":
         pat = _edge((np.sqrt(u**2 + v**2) - 0.58) * scale)
     elif pattern == "lower":

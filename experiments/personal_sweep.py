@@ -7,10 +7,10 @@ preservation, concept, the judge's accuracy on the instance (personal head) and 
 evaluation step, the final loss and the seconds it took. Runs are spread over ``--workers`` processes (spawned; on
 a GPU they share it) and are written as they finish, so a run cut short still leaves every finished line.
 
-    python benchmarks/personal_sweep.py --out sweep.jsonl --device cuda --workers 12
-    python benchmarks/personal_sweep.py --out sweep.jsonl --smoke        # 2 tiny runs on the CPU
-    python benchmarks/personal_sweep.py --out sweep.jsonl --pipeline BUILD/pipeline   # a candidate build
-    python benchmarks/personal_sweep.py --out words.jsonl --words    # the base asked for each whole look in words
+    python experiments/personal_sweep.py --out sweep.jsonl --device cuda --workers 12
+    python experiments/personal_sweep.py --out sweep.jsonl --smoke        # 2 tiny runs on the CPU
+    python experiments/personal_sweep.py --out sweep.jsonl --pipeline BUILD/pipeline   # a candidate build
+    python experiments/personal_sweep.py --out words.jsonl --words    # the base asked for each whole look in words
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 #!/bin/bash
-# One prepared device run (H100/H200) for issues #3 and #5: two whole testbed builds on the GPU, one per zigler drawing
-# of benchmarks/zigler_variants.py (chevron, lines), side by side, each with its judge trained by a second process
-# (the judge stage depends on the world alone, and renders its batches on the CPU: 16 cores there).
-#   run(command="bash benchmarks/gpu_testbed.sh", carry=[".whl"], timeout_s=590)
-#   then here, for each VARIANT (files from the device in F):
-#   python benchmarks/zigler_variants.py unpack F/build_VARIANT.tar F/text_VARIANT.safetensors DIR
-#   python benchmarks/zigler_variants.py check VARIANT DIR
-# The device has PyTorch but not diffusers and the rest: carry them as wheels in .whl (benchmarks/README.md).
+# Two whole testbed builds on one GPU (H100/H200), one per zigler drawing of experiments/zigler_variants.py (chevron,
+# lines), side by side, each with its judge trained by a second process (the judge stage depends on the world alone
+# and renders its batches on the CPU). Then, for each VARIANT (the files of $OUT in F):
+#   python experiments/zigler_variants.py unpack F/build_VARIANT.tar F/text_VARIANT.safetensors DIR
+#   python experiments/zigler_variants.py check VARIANT DIR
+# Needs PyTorch with CUDA; the other packages are installed from the wheels in .whl/ (see benchmarks/README.md).
 # A build still training at DEADLINE_S (seconds after this script starts) is stopped and exported from its last
-# checkpoint (written every minute), so that the run always brings a pipeline back; timings.json says how far it got.
-# 2026-12-04 (session 10), beside a 12-process sweep on the same GPU, builds reached UNet step 1000 of 8000 in 470 s.
+# checkpoint (written every minute); timings.json says how far it got.
 # Results under $OUT: build_<variant>.tar (the pipeline without its text encoder's weights and tokenizer, the judge,
 # config.json, timings.json, *.done markers) and text_<variant>.safetensors; logs.tar.gz.
 # DEVICE=cpu PY=.venv/bin/python SKIP_PIP=1 BUILD_ARGS=--tiny: a CPU smoke run
@@ -23,7 +20,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 LOGS=/tmp/logs; mkdir -p $LOGS
-ZV="$PY benchmarks/zigler_variants.py"
+ZV="$PY experiments/zigler_variants.py"
 left() { echo $(( ${DEADLINE_S:-540} - ($(date +%s) - START) )); }
 for v in chevron lines; do
   (OMP_NUM_THREADS=4 timeout $(left) $ZV build $v /tmp/b_$v --device $DEVICE --set checkpoint_minutes=1.0 \

@@ -3,14 +3,14 @@ wavell's waves; zigler was the worst concept, 0.44-0.50). On 2026-12-04 both wer
 steps each, beside each other): zigler 1.00 with ``chevron``, 0.56 with ``lines``; ``chevron`` is now the shipped
 drawing (``world._style_field``), so ``build chevron`` builds the shipped world.
 
-``python benchmarks/zigler_variants.py sheet OUT.png`` renders wavell, the shipped zigler and every variant side by
-side; ``python benchmarks/zigler_variants.py build VARIANT OUT [--device cuda] [--stages a,b] [--set KEY=VALUE ...]
+``python experiments/zigler_variants.py sheet OUT.png`` renders wavell, the shipped zigler and every variant side by
+side; ``python experiments/zigler_variants.py build VARIANT OUT [--device cuda] [--stages a,b] [--set KEY=VALUE ...]
 [--check]`` runs the stages of a testbed build (``engine.testbed.train.build_testbed``; default all) with the variant
 drawn in place of the shipped zigler; ``check VARIANT OUT`` (or ``--check``) writes ``OUT/check.json``
 (``mima testbed check``'s gates on that build's pipeline and judge) and ``OUT/grid.png``.
 
-On a GPU the judge stage is bound by rendering on the CPU (about 200 s of an H200 machine's time), so
-``benchmarks/gpu_testbed.sh`` builds everything else there and the judge stage runs here
+On a GPU the judge stage is bound by rendering on the CPU (about 200 s on an H200), so
+``experiments/gpu_testbed.sh`` builds everything else on the GPU and the judge stage can run on a CPU
 (``build VARIANT OUT --stages judge``, 7-11 min on 2 cores) before ``check``.
 
 - ``chevron``: two-colour bands displaced by a steep, sharp zigzag (slope 1.4, corners every 12-16 px, band period
@@ -128,7 +128,7 @@ def check(variant: str, out: str, device: str, n: int) -> dict:
 
 
 def unpack(tar: str, text: str, out: str) -> None:
-    """A device build (``benchmarks/gpu_testbed.sh``'s ``build_VARIANT.tar`` and ``text_VARIANT.safetensors``) into
+    """A device build (``experiments/gpu_testbed.sh``'s ``build_VARIANT.tar`` and ``text_VARIANT.safetensors``) into
     ``out``, with the tokenizer written anew (it is the same for every build of one configuration)."""
     import shutil
     import tarfile

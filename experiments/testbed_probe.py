@@ -1,6 +1,6 @@
 """Probe a testbed build in progress: does the UNet follow the prompt yet?
 
-    python benchmarks/testbed_probe.py --build testbed-build [--ema] [--n 4] [--png probe.png]
+    python experiments/testbed_probe.py --build testbed-build [--ema] [--n 4] [--png probe.png]
 
 Loads ``<build>/unet.ckpt`` (raw or EMA weights) with the build's VAE and judge, generates n images per style and
 object prompt (fixed seeds, pinned sampler), and prints one JSON line per concept with the judge's accuracy, then
