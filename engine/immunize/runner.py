@@ -147,6 +147,12 @@ def keep_prompts(profile: Profile, others: list[Concept]) -> list[str]:
 def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], others: list[Concept],
             base_pipe_fn: Callable[[], object], cache_dir: Path | None, progress=None) -> Setup:
     s = profile.immunize
+    alternating = spec.algorithm == "alternating"
+    gradient = "first-order" if alternating else s.gradient
+    if s.inner_steps > 1 and gradient != "first-order":
+        raise ImmunizationUsageError(f"immunize.inner_steps = {s.inner_steps} needs immunize.gradient = "
+                                     f"\"first-order\" (it is {gradient!r}): nothing is carried back through inner "
+                                     "steps 2..K")
     unet, vae = pipe.unet, pipe.vae
     size = s.resolution
     gen_kw = dict(pipe_fn=base_pipe_fn, model_key=profile.model.base, steps=profile.model.sample_steps,
@@ -173,14 +179,12 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
     samples = [(c.name, c.prompt) for c in targets] + [(c.name, c.prompt) for c in others[:1]]
     for name, p in unet.named_parameters():
         p.requires_grad_(name in set(lower) | set(upper))
-    alternating = spec.algorithm == "alternating"
     merge_fn = make_merge_fn(projector, kv) if projector is not None and (spec.merge or alternating) else None
+    params = dict(unet.named_parameters())
     anchor = None
     if merge_fn is not None and s.merge.anchor == "pretrained" and not alternating:
-        params = dict(unet.named_parameters())
         anchor = {k: params[k].detach().clone() for k in lower}
     preserve, keep, subspace = None, None, None
-    params = dict(unet.named_parameters())
     if s.preserve_weight > 0 or s.subspace == "target":
         prompts = keep_prompts(profile, others)
         if not prompts:
@@ -194,18 +198,13 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
         preserve = Preserve(s.preserve_weight, {k: params[k].detach().clone() for k in upper}, s.preserve_at)
     if s.subspace == "target":
         names = [k for k in kv_layer_names(unet) if k in set(upper)]  # every upper set holds them
-        kinds = [[i for i, p in enumerate(keep.prompts) if p in set(c.prompt for c in others)]]
-        kinds.append([i for i in range(len(keep.prompts)) if i not in set(kinds[0])])  # the captions
+        kept_others = {c.prompt for c in others}
+        other = torch.tensor([p in kept_others for p in keep.prompts])  # else a caption
         basis = discriminative_basis(torch.cat([c.context for c in concepts]),
-                                     [keep.contexts[ix].flatten(0, 1) for ix in kinds if ix],
+                                     [keep.contexts[other].flatten(0, 1), keep.contexts[~other].flatten(0, 1)],
                                      min(s.subspace_rank, keep.contexts.shape[-1]), s.subspace_ridge)
         subspace = Subspace(basis, {k: params[k].detach().clone() for k in names})
     keep = keep if s.preserve_weight > 0 else None
-    gradient = "first-order" if alternating else s.gradient
-    if s.inner_steps > 1 and gradient != "first-order":
-        raise ImmunizationUsageError(f"immunize.inner_steps = {s.inner_steps} needs immunize.gradient = "
-                                     f"\"first-order\" (it is {gradient!r}): nothing is carried back through inner "
-                                     "steps 2..K")
     bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, gradient, s.fd_eps,
                       merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap)
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep, subspace=subspace)
