@@ -2,7 +2,7 @@
 
 Inner and outer steps alternate: each concept's inner step is applied to the model itself, the merged k/v are written
 into the model without gradient, and the ascent step uses the first-order gradient at the resulting weights. It is
-not Algorithm 1 (PAPER.md, defect 1): no gradient flows through the merge and inner updates accumulate in the model.
+not Algorithm 1 (docs/method.md, "Baselines"): no gradient flows through the merge and inner updates accumulate in the model.
 """
 
 from . import MethodSpec, register

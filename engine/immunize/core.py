@@ -1,4 +1,4 @@
-"""The bi-level step shared by MIMA, JT, CP and IMMA (Algorithm 1 of MIMA; PAPER.md "The bi-level loop").
+"""The bi-level step shared by MIMA, JT, CP and IMMA (Algorithm 1 of MIMA; docs/method.md "The bi-level loop").
 
 One outer step, for tasks ``n = 1..N`` (a task is a concept; JT has one task made of all concepts' data)::
 

@@ -13,7 +13,7 @@ Metric events (kind ``metric``, ``step`` = the attack step; tags always hold ``m
     (targets and others); ``judge-acc``: ``A`` = acc(x^A_n), ``T`` = acc(x^T_n) (targets and others: the others'
     are the learnability of the immunized model), ``I-A`` = label agreement.
 ``msgr/<metric>``
-    MSGR over the targets (PAPER.md, Eq. 10-11); ``null`` when undefined, with a ``note`` field saying why.
+    MSGR over the targets (docs/method.md, Eq. 10-11); ``null`` when undefined, with a ``note`` field saying why.
 ``mrsgr/<metric>``
     MRSGR, targets vs others; fields ``target_mean``, ``other_mean`` (and ``note``).
 ``success/<metric>``

@@ -92,7 +92,7 @@ class RegularizationSection(_Strict):
 
 
 class MergeSettings(_Strict):
-    """``[immunize.merge]``: the closed-form merge of per-concept k/v weights (PAPER.md, Eq. 2/5)."""
+    """``[immunize.merge]``: the closed-form merge of per-concept k/v weights (docs/method.md, Eq. 2/5)."""
 
     anchor: Literal["current", "pretrained"] = "current"
     """``W⁰``: the k/v of the model being immunized (current) or of the model it started from."""

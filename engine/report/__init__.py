@@ -8,7 +8,7 @@ Numbers come only from metric events (see :mod:`engine.metrics.pairs`): those an
 later ``evaluate`` runs of the same pair (events tagged ``attack_run``). Events of randomly initialised backbones
 (tag ``random_init``) are refused and listed under ``refused``.
 
-Layout (PAPER.md, Tables 1-3): one table per profile and attack family — *re-learning* (``lora``) and
+Layout (the paper's Tables 1-3): one table per profile and attack family — *re-learning* (``lora``) and
 *personalization* (the mean over the personalization attacks present: dreambooth, dreambooth-lora,
 textual-inversion, custom-diffusion) — with rows immunization method x metric, columns the groups (2-concept
 groups, then 3-concept groups, ...) and their average; an MRSGR table of the same shape. Each cell carries the
