@@ -30,6 +30,9 @@ class Point:
     group: str | None
     others: float | None = None
     """Utility without attack: mean primary score of the other concepts (judge accuracy on the testbed)."""
+    others_worst: str | None = None
+    others_min: float | None = None
+    """The other concept with the lowest utility without attack, and its score (the bar asks each one to hold)."""
     targets: float | None = None
     """Utility without attack of the targets."""
     parent_others: float | None = None
@@ -103,6 +106,7 @@ def points_of(runs_dir: Path, setting: dict[str, str], immunize_runs: Sequence[P
         if u is not None:
             point.others, point.targets = u.role_mean("model", "other"), u.role_mean("model", "target")
             point.parent_others, point.collapsed = u.role_mean("parent", "other"), u.collapsed
+            point.others_worst, point.others_min = u.role_worst("model", "other") or (None, None)
         acc = "judge-acc"
 
         def target_acc(p, side, s):

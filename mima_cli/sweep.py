@@ -75,7 +75,8 @@ def sweep_cmd(
                       highlight=False)
     from rich.table import Table
 
-    table = Table("setting", "method", "group", "others (no attack)", "targets (no attack)", "targets after attack",
+    table = Table("setting", "method", "group", "others (no attack)", "worst other",
+                  "targets (no attack)", "targets after attack",
                   "twin after attack", "others after attack (twin)", "collapsed", title="utility vs immunity")
 
     def f(v):
@@ -83,7 +84,8 @@ def sweep_cmd(
 
     for p in points:
         table.add_row(" ".join(f"{k}={v}" for k, v in p.setting.items()) or "profile", p.method, str(p.group),
-                      f(p.others), f(p.targets), f(p.targets_attacked), f(p.twin_attacked),
+                      f(p.others), f"{p.others_worst} {f(p.others_min)}" if p.others_worst else "—", f(p.targets),
+                      f(p.targets_attacked), f(p.twin_attacked),
                       f"{f(p.others_attacked)} ({f(p.twin_others_attacked)})", "yes" if p.collapsed else "no")
     console.print(table)
 

@@ -199,3 +199,23 @@ def test_several_inner_steps_need_first_order_before_any_run(tiny_profile, tmp_p
                                     "immunize.inner_steps=3", "immunize.gradient=\"first-order\""])
     run = immunize(q, runs_dir=tmp_path / "runs", group="g2", method="mima", profile_name="tiny")
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_preset_fills_only_the_keys_a_profile_leaves_out(tiny_profile):
+    from engine.profile import load_profile
+
+    paper = load_profile(tiny_profile, []).immunize
+    selective = load_profile(tiny_profile, ["immunize.preset=\"selective\""]).immunize
+    assert (paper.preset, paper.subspace, paper.upper_set) == ("paper", "all", "xattn")
+    assert (selective.subspace, selective.upper_set) == ("target", "xattn-kv")
+    own = load_profile(tiny_profile, ["immunize.preset=\"selective\"", "immunize.subspace=\"all\""]).immunize
+    assert (own.subspace, own.upper_set) == ("all", "xattn-kv")
+    # a run records the values the preset gave, so it reads the same if a preset's definition changes
+    assert selective.model_dump()["subspace"] == "target"
+
+
+def test_an_unknown_preset_names_the_field(tiny_profile):
+    from engine.profile import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match="immunize.preset"):
+        load_profile(tiny_profile, ["immunize.preset=\"strong\""])

@@ -37,6 +37,7 @@ def test_sweep_writes_points_and_a_plot_and_resumes(tiny_profile, tmp_path):
     for p in lines:
         assert set(p) == set(Point({}, "", None).__dict__)
         assert p["others"] is not None and p["parent_others"] is not None and p["targets_attacked"] is not None
+        assert p["others_min"] <= p["others"] and p["others_worst"] not in ("strieker", "checkov")  # g2's targets
         assert p["twin_attacked"] is not None and "judge" in p["msgr"]
     assert lines[0]["immunize_run"] != lines[1]["immunize_run"]
     assert lines[0]["twin_attacked"] == lines[1]["twin_attacked"]  # one unimmunized twin for every setting

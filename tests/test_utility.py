@@ -110,6 +110,16 @@ def test_collapse_threshold_and_round_trip():
     assert back.share == u.share and back.collapsed and back.role_mean("parent", "target") == 0.5
 
 
+def test_the_worst_other_concept_is_named():
+    u = made_utility(0.9)
+    u.prompts.append(UtilityPrompt("arrow", "a photo of a arrow", "other", "arrow"))
+    u.scores["model"]["arrow"] = {"judge-acc": 0.5}
+    assert u.role_mean("model", "other") == pytest.approx(0.7)
+    assert u.role_worst("model", "other") == ("arrow", 0.5)
+    assert u.role_worst("model", "target") == ("strieker", 0.0)
+    assert u.role_worst("model", "caption") is None
+
+
 def test_every_immunization_measures_utility(built):
     runs = {r["id"]: r for r in attack_runs(built["runs"])}
     assert runs  # the built fixture attacked two immunized models

@@ -183,6 +183,14 @@ class Utility:
         per = self.scores.get(model, {})
         return _mean([per.get(p.name, {}).get(metric) for p in self.prompts if p.role == role])
 
+    def role_worst(self, model: str, role: str, metric: str | None = None) -> tuple[str, float] | None:
+        """The prompt of ``role`` with the lowest score and that score (None when none is scored)."""
+        metric = metric or self.primary
+        per = self.scores.get(model, {})
+        scored = [(p.name, per.get(p.name, {}).get(metric)) for p in self.prompts if p.role == role]
+        scored = [(n, v) for n, v in scored if v is not None]
+        return min(scored, key=lambda nv: nv[1]) if scored else None
+
     def concept_score(self, model: str, name: str, metric: str | None = None) -> float | None:
         return self.scores.get(model, {}).get(name, {}).get(metric or self.primary)
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .captions import default_captions_path
 from .concepts import FolderImages, GenerateImages, ImageSet, RenderImages, _Strict
 from .errors import ProfileError
 
-__all__ = ["ModelSection", "EraseSection", "RegularizationSection", "MergeSettings", "ImmunizeSection",
+__all__ = ["ModelSection", "EraseSection", "RegularizationSection", "MergeSettings", "IMMUNIZE_PRESETS", "ImmunizeSection",
            "AttackMethod", "AttackOverride", "AttackSettings", "AttackSection", "EvalSection", "UtilitySection"]
 
 
@@ -104,10 +104,21 @@ class MergeSettings(_Strict):
 
 ParamSet = Literal["unet", "xattn", "xattn-kv"]
 
+IMMUNIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "selective": {"upper": "xattn-kv", "subspace": "target"},
+}
+"""``[immunize] preset``: the values a preset gives the keys a profile leaves out. ``paper`` is Algorithm 1 as
+published (the field defaults); ``selective`` ascends only the cross-attention k/v, along the targets' text-embedding
+directions (docs/selective.md: the setting that kept the others' utility on the testbed while it stopped LoRA)."""
+
 
 class ImmunizeSection(_Strict):
     """``[immunize]``: the bi-level immunization (Algorithm 1) and its baselines."""
 
+    preset: Literal["paper", "selective"] = "paper"
+    """Defaults for the keys below that the profile leaves out (:data:`IMMUNIZE_PRESETS`); a key the profile sets
+    wins."""
     method: Literal["mima", "jt", "cp", "imma", "alternating", "none"] = "mima"
     steps: int = Field(default=1000, ge=1)
     inner_lr: float = Field(default=1e-5, gt=0.0)
@@ -168,6 +179,13 @@ class ImmunizeSection(_Strict):
     """Directions of ``subspace = "target"`` (at most the text embedding's width)."""
     subspace_ridge: float = Field(default=1e-2, gt=0.0)
     """Ridge on the kept prompts' second moment (relative to its mean eigenvalue) in ``subspace = "target"``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in IMMUNIZE_PRESETS:
+            data = {**IMMUNIZE_PRESETS[data["preset"]], **data}
+        return data
 
     @field_validator("imma_adaptation")
     @classmethod
