@@ -207,7 +207,8 @@ def test_a_preset_fills_only_the_keys_a_profile_leaves_out(tiny_profile):
     paper = load_profile(tiny_profile, []).immunize
     selective = load_profile(tiny_profile, ["immunize.preset=\"selective\""]).immunize
     assert (paper.preset, paper.subspace, paper.upper_set) == ("paper", "all", "xattn")
-    assert (selective.subspace, selective.upper_set) == ("target", "xattn-kv")
+    assert (selective.subspace, selective.upper_set, selective.subspace_rank) == ("target", "xattn-kv", 4)
+    assert selective.preserve_weight > 0
     own = load_profile(tiny_profile, ["immunize.preset=\"selective\"", "immunize.subspace=\"all\""]).immunize
     assert (own.subspace, own.upper_set) == ("all", "xattn-kv")
     # a run records the values the preset gave, so it reads the same if a preset's definition changes

@@ -106,11 +106,12 @@ ParamSet = Literal["unet", "xattn", "xattn-kv"]
 
 IMMUNIZE_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "selective": {"upper": "xattn-kv", "subspace": "target"},
+    "selective": {"upper": "xattn-kv", "subspace": "target", "subspace_rank": 4, "preserve_weight": 10.0},
 }
 """``[immunize] preset``: the values a preset gives the keys a profile leaves out. ``paper`` is Algorithm 1 as
-published (the field defaults); ``selective`` ascends only the cross-attention k/v, along the targets' text-embedding
-directions (docs/selective.md: the setting that kept the others' utility on the testbed while it stopped LoRA)."""
+published (the field defaults); ``selective`` ascends only the cross-attention k/v, along the targets' four
+text-embedding directions, with the preservation term on (docs/selective.md: on the testbed it kept the others'
+utility where the paper's reading destroyed it, and stopped LoRA)."""
 
 
 class ImmunizeSection(_Strict):
