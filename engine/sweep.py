@@ -173,6 +173,7 @@ def plot(points: Sequence[Point], out: str | Path, *, utility_bar: float = 0.9, 
         mine = [p for p in points if p.method == m and p.others is not None and p.targets_attacked is not None]
         if not mine:
             continue
+        mine.sort(key=lambda p: (p.targets_attacked, p.others))
         xs, ys = [p.targets_attacked for p in mine], [p.others for p in mine]
         line, = ax.plot(xs, ys, marker="o", label=m)
         for p in mine:
