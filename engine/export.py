@@ -162,14 +162,14 @@ def model_chain(model_dir: str | Path, runs_dir: str | Path = "runs") -> tuple[P
 def model_utility(source: ExportSource, runs_dir: str | Path):
     """The newest utility of the exported model: ``mima evaluate --utility`` runs first, then its own run's (the
     one the report shows)."""
-    from .report.pairs import _metric_events, _utility
+    from .report.pairs import metric_events, newest_utility
     from .runs import Runs
 
     if source.kind == "attack":
         return None
     runs = Runs.scan(runs_dir)
-    evaluate = [(r.id, _metric_events(Path(r.dir))) for r in runs.select("evaluate", state=None)]
-    return _utility(runs, source.run_id, evaluate)
+    evaluate = [(r.id, metric_events(r.dir)) for r in runs.select("evaluate", state=None)]
+    return newest_utility(runs, source.run_id, evaluate)
 
 
 def refusals(source: ExportSource, utility: Any) -> list[str]:

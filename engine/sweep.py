@@ -91,7 +91,7 @@ def settings_grid(sets: Sequence[str]) -> list[dict[str, str]]:
 
 def points_of(runs_dir: Path, setting: dict[str, str], immunize_runs: Sequence[Path]) -> list[Point]:
     """The :class:`Point` of each immunization run (its attack pairs averaged over attacks)."""
-    from .report import _mean, collect_pairs
+    from .report import collect_pairs, mean_if_finite
 
     pairs = collect_pairs(runs_dir, [r.name for r in immunize_runs]) if immunize_runs else []
     out = []
@@ -111,17 +111,17 @@ def points_of(runs_dir: Path, setting: dict[str, str], immunize_runs: Sequence[P
 
         def target_acc(p, side, s):
             per = p.sims.get(acc, {}).get(side, {}).get(s, {})
-            return _mean([per.get(c) for c in p.targets])
+            return mean_if_finite([per.get(c) for c in p.targets])
 
-        point.targets_attacked = _mean([target_acc(p, "T", s) for p, s in zip(mine, steps)])
-        point.twin_attacked = _mean([target_acc(p, "A", s) for p, s in zip(mine, steps)])
+        point.targets_attacked = mean_if_finite([target_acc(p, "T", s) for p, s in zip(mine, steps)])
+        point.twin_attacked = mean_if_finite([target_acc(p, "A", s) for p, s in zip(mine, steps)])
         learn = [p.learnability(acc, s) for p, s in zip(mine, steps)]
-        point.others_attacked = _mean([t for t, _ in learn])
-        point.twin_others_attacked = _mean([a for _, a in learn])
+        point.others_attacked = mean_if_finite([t for t, _ in learn])
+        point.twin_others_attacked = mean_if_finite([a for _, a in learn])
         for kind in ("msgr", "mrsgr"):
             metrics = {m for p, s in zip(mine, steps) for m in getattr(p, kind).get(s, {})}
-            getattr(point, kind).update({m: _mean([getattr(p, kind).get(s, {}).get(m, {}).get("value")
-                                                   for p, s in zip(mine, steps)]) for m in sorted(metrics)})
+            getattr(point, kind).update({m: mean_if_finite([getattr(p, kind).get(s, {}).get(m, {}).get("value")
+                                                             for p, s in zip(mine, steps)]) for m in sorted(metrics)})
         out.append(point)
     return out
 

@@ -15,7 +15,7 @@ JOBS_HELP = ("Worker processes running independent tasks at once (auto: one per 
              "a GPU). On a CPU the testbed's small batches use one core each about as fast as two.")
 
 
-def _jobs(value: str) -> int | str:
+def parse_jobs(value: str) -> int | str:
     if value == "auto":
         return value
     try:
@@ -34,7 +34,7 @@ def _run(ctx: typer.Context, profile: str, sets: list[str], methods: list[str] |
     from mima_cli.attack import quiet_model_loading
     from mima_cli.report import report_cmd
 
-    n_jobs = _jobs(jobs)
+    n_jobs = parse_jobs(jobs)
     p = load_profile_for(ctx, profile, sets)
     try:
         parse_shard(shard)

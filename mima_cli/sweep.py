@@ -8,7 +8,7 @@ import typer
 
 from mima_cli.console import EXIT_USAGE, console, err_console, fail
 from mima_cli.options import runs_dir
-from mima_cli.reproduce import JOBS_HELP, _jobs
+from mima_cli.reproduce import JOBS_HELP, parse_jobs
 
 
 def sweep_cmd(
@@ -45,7 +45,7 @@ def sweep_cmd(
     from mima_cli.attack import quiet_model_loading
     from mima_cli.progress import stage_bars
 
-    n_jobs = _jobs(jobs)
+    n_jobs = parse_jobs(jobs)
     try:
         grid = settings_grid(vary or [])
         first = load_profile(profile, [*(fixed or []), *(f"{k}={v}" for k, v in grid[0].items())])

@@ -4,6 +4,7 @@ truncated lines and deleted runs survived, keys, and the command line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -204,6 +205,68 @@ def test_serve_runs_the_same_command_for_each_browser(tmp_path):
     command = serve_command(tmp_path, "r1", "auto", 0.5)
     assert "-m mima_cli.app tui" in command and str(tmp_path.resolve()) in command
     assert "--images halfcell" in command and "--run r1" in command
+
+
+def run_in_pty(args: list[str], rows: int, cols: int, timeout: float = 120.0) -> tuple[int, str]:
+    """Run ``args`` on a new pty of ``rows`` x ``cols``; press q once the app has switched to the alternate screen.
+    Returns the exit code and everything written to the terminal."""
+    import fcntl
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+    from pathlib import Path
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "TEXTUAL_DRIVER", "TMUX", "STY")}
+    env.update(TERM="xterm-256color", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                   env.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "mima_cli.app", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, start_new_session=True)
+    os.close(slave)
+    out, pressed, deadline = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    pass
+            if proc.poll() is not None:
+                break
+            if not pressed and b"\x1b[?1049h" in out:  # Textual took the terminal over
+                time.sleep(2.0)
+                os.write(master, b"q")
+                pressed = True
+        else:
+            proc.kill()
+        return proc.wait(), out.decode("utf-8", "replace")
+    finally:
+        os.close(master)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pty")
+def test_a_terminal_of_no_size_opens_and_quits(demo):
+    """`mima tui` where the pty reports 0 columns and rows (`stty rows 0 cols 0`): it starts, draws, and quits on q,
+    without images (textual-image divides by the terminal's size when it is imported)."""
+    for step in (1, 2):
+        demo.step(step)
+    code, out = run_in_pty(["tui", str(demo.attack.dir.parent), "--run", IDS["attack"]], rows=0, cols=0)
+    assert "ZeroDivisionError" not in out and code == 0, out[-2000:]
+
+
+async def test_the_app_at_no_size(demo):
+    """Textual's own test driver at 0x0: the run screen and its plots are laid out without an error."""
+    for step in (1, 2):
+        demo.step(step)
+    app = MimaTui(demo.attack.dir.parent, IDS["attack"], interval=0.05)
+    async with app.run_test(size=(0, 0)) as pilot:
+        await until(pilot, lambda: plot_points(app.screen, "loss") == {"Van Gogh": 2, "Picasso": 2}, what="curves")
+        await pilot.press("5")
+        await pilot.pause(0.3)
+    assert app.return_code in (None, 0)
 
 
 async def test_run_screen_shows_the_utility_line_from_the_run_directory(demo):

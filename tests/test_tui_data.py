@@ -150,6 +150,12 @@ def test_image_mode_falls_back_to_half_blocks():
         resolve_image_mode("kitty")
 
 
+def test_image_mode_is_none_on_a_terminal_of_no_size():
+    """textual-image divides by the terminal's columns and rows when it is imported."""
+    assert all(resolve_image_mode(m, env={}, isatty=True, unsized=True) == "none" for m in ("auto", "halfcell", "tgp"))
+    assert resolve_image_mode("halfcell", unsized=False) == "halfcell"
+
+
 # ------------------------------------------------------------------------------------------ watcher
 
 

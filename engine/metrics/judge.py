@@ -63,9 +63,9 @@ class JudgeAccuracy(_OnJudge):
 
     def head(self, concept: str) -> tuple[str, int]:
         """``(head, label index)`` of a concept name (``KeyError`` naming the known concepts otherwise)."""
-        from engine.testbed.judge import _concept_head
+        from engine.testbed.judge import concept_head
 
-        return _concept_head(concept)
+        return concept_head(concept)
 
     def predictions(self, images: Images) -> dict[str, torch.Tensor]:
         """Predicted label per head, ``{"style": LongTensor[n], "object": ..., "personal": ...}`` (cached)."""

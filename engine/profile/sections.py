@@ -192,7 +192,7 @@ class ImmunizeSection(_Strict):
     @classmethod
     def _imma_adaptation(cls, value: str) -> str:
         if value == "lora":
-            raise ValueError("'lora' is not implemented yet (it used to fall back to the lower set silently); "
+            raise ValueError("'lora' is not implemented yet (a LoRA adapter on the lower set); "
                              "use 'unet' (DreamBooth) or 'xattn-kv' (Custom Diffusion)")
         return value
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from .grid import qualitative_grid
 from .pairs import METHOD_ORDER, METRIC_ORDER, PairSummary, collect_pairs, family_of
-from .tables import Cell, Report, Row, Table, UtilityCell, UtilityRow, UtilityTable, build_report
-from .tables import _mean  # noqa: F401  (engine.sweep averages points with the report's mean)
+from .tables import (Cell, Report, Row, Table, UtilityCell, UtilityRow, UtilityTable, build_report,
+                     mean_if_finite)
 
 __all__ = ["PairSummary", "Cell", "Row", "Table", "UtilityCell", "UtilityRow", "UtilityTable", "Report",
-           "collect_pairs", "build_report", "family_of", "qualitative_grid", "METHOD_ORDER", "METRIC_ORDER"]
+           "collect_pairs", "build_report", "family_of", "qualitative_grid", "METHOD_ORDER", "METRIC_ORDER",
+           "mean_if_finite"]

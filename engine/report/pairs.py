@@ -17,7 +17,8 @@ from typing import Any
 from engine.attacks.plan import PERSONALIZATION
 from engine.runs import Pair, Runs
 
-__all__ = ["METHOD_ORDER", "METRIC_ORDER", "PairSummary", "collect_pairs", "family_of"]
+__all__ = ["METHOD_ORDER", "METRIC_ORDER", "PairSummary", "collect_pairs", "family_of", "metric_events",
+           "newest_utility"]
 
 METHOD_ORDER = ("mima", "jt", "cp", "imma", "alternating", "none")
 METRIC_ORDER = ("clip", "dino", "lpips", "judge", "judge-acc")
@@ -101,7 +102,8 @@ class PairSummary:
         return out
 
 
-def _metric_events(run_dir: Path) -> list[dict[str, Any]]:
+def metric_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The ``metric`` events of the run in ``run_dir``, in the order they were logged."""
     from engine.runs import RunReader
 
     return RunReader(run_dir).events("metric")
@@ -143,19 +145,21 @@ def _summary(pair: Pair, evaluate_runs: Sequence[tuple[str, list[dict]]], runs: 
         run=st.id, twin=pair.twin.name, run_dir=pair.run, twin_dir=pair.twin, profile=st.profile, group=st.group,
         group_size=int(links.group_size or len(links.targets) or 1), method=links.method, attack=str(st.method),
         state=str(st.state), immunize_run=links.immunize_run, targets=list(links.targets), others=list(links.others))
-    for e in _metric_events(pair.run):
+    for e in metric_events(pair.run):
         if not (e.get("tags") or {}).get("attack_run"):
             _apply(summary, e, summary.run)
     for eval_id, events in evaluate_runs:
         for e in events:
             if (e.get("tags") or {}).get("attack_run") == summary.run:
                 _apply(summary, e, eval_id)
-    summary.utility = _utility(runs, summary.immunize_run, evaluate_runs)
+    summary.utility = newest_utility(runs, summary.immunize_run, evaluate_runs)
     return summary
 
 
-def _utility(runs: Runs, immunize_run: str | None, evaluate_runs: Sequence[tuple[str, list[dict]]]):
-    """The newest utility of an immunization run: from an evaluate run (``mima evaluate --utility``), else its own."""
+def newest_utility(runs: Runs, immunize_run: str | None, evaluate_runs: Sequence[tuple[str, list[dict]]]):
+    """The newest :class:`~engine.metrics.utility.Utility` of an immunization run (None without one): from the last
+    of ``evaluate_runs`` (``(run id, its metric events)``, oldest first; ``mima evaluate --utility``) that measured
+    it, else the run's own."""
     from engine.metrics.utility import EVENT, Utility, read_utility
 
     if not immunize_run:
@@ -180,7 +184,7 @@ def collect_pairs(runs_dir: str | Path, refs: Sequence[str] | None = None, *, la
 
     runs_dir = Path(runs_dir)
     runs = Runs.scan(runs_dir)
-    evaluate_runs = [(r.id, _metric_events(Path(r.dir))) for r in runs.select("evaluate", state=None)]
+    evaluate_runs = [(r.id, metric_events(r.dir)) for r in runs.select("evaluate", state=None)]
     pairs = [_summary(p, evaluate_runs, runs) for p in find_pairs(runs_dir, refs)]
     if latest_only and not refs:
         newest: dict[tuple, PairSummary] = {}

@@ -190,7 +190,8 @@ class Report:
         return out
 
 
-def _mean(values: list[float | None]) -> float | None:
+def mean_if_finite(values: list[float | None]) -> float | None:
+    """The mean of ``values``; None when there are none or one is missing or not finite."""
     return sum(values) / len(values) if values and all(_finite(v) for v in values) else None
 
 
@@ -208,7 +209,7 @@ def _learn_cell(pairs: list[PairSummary], metric: str, step: int | None) -> Cell
         mine.append(t)
         twin.append(a)
     note = None if all(_finite(v) for v in mine) else "no other concepts attacked (or no accuracy metric)"
-    return Cell(_mean(mine), _mean(twin), [p.attack for p in pairs], [p.run for p in pairs],
+    return Cell(mean_if_finite(mine), mean_if_finite(twin), [p.attack for p in pairs], [p.run for p in pairs],
                 sorted({s for s in steps if s is not None}), note, any(_collapsed(p) for p in pairs))
 
 
@@ -229,8 +230,8 @@ def _cell(pairs: list[PairSummary], kind: str, metric: str, step: int | None) ->
                 notes.append(f"{p.attack}: {entry['note']}")
         acc = p.success.get(s, {}) if s is not None else {}
         successes.append(acc.get("judge-acc", next(iter(acc.values()), None)) if acc else None)
-    value = _mean(values)
-    success = _mean(successes) if all(v is not None for v in successes) else None
+    value = mean_if_finite(values)
+    success = mean_if_finite(successes) if all(v is not None for v in successes) else None
     return Cell(value, success, [p.attack for p in pairs], [p.run for p in pairs], sorted({s for s in steps if s is not None}),
                 "; ".join(notes) or None, any(_collapsed(p) for p in pairs))
 
@@ -275,8 +276,8 @@ def _utility_table(profile: str, members: list[PairSummary], groups: list[str], 
                 cells[g] = cell
         if cells:
             rows.append(UtilityRow(model, cells, UtilityCell(
-                _mean([c.targets for c in cells.values()]), _mean([c.others for c in cells.values()]),
-                _mean([c.share for c in cells.values()]), any(c.collapsed for c in cells.values()))))
+                mean_if_finite([c.targets for c in cells.values()]), mean_if_finite([c.others for c in cells.values()]),
+                mean_if_finite([c.share for c in cells.values()]), any(c.collapsed for c in cells.values()))))
     unmeasured = sorted({f"{p.method} ({p.group or '-'})" for p in members if p.method != "none" and p.utility is None})
     return UtilityTable(profile or None, metric, threshold, groups, sizes, rows, unmeasured)
 

@@ -26,8 +26,9 @@ class TestbedConfig:
     unet_layers_per_block: int = 1
     unet_heads: int = 1  # one head per attention layer: CPU attention with many tiny heads is ~2x slower
     # which resolution levels (16x16, 8x8, 4x4) have transformer blocks (self- and cross-attention); the mid block
-    # always has one. Without them at 16x16 a batch-32 step took 0.60 s instead of 0.85 s on 2 cores, but the
-    # generation accuracy of the same build was 0.74 instead of 0.875 (star and cross, house and the fine styles).
+    # always has one. The 16x16 ones are worth their time: with them a batch-32 step takes 0.85 s on 2 CPU cores and
+    # the build's generation accuracy is 0.875, without them 0.60 s and 0.74 (star and cross, house and the fine
+    # styles are the ones lost; same build otherwise).
     unet_attention: tuple[bool, ...] = (True, True, False)
     unet_norm_groups: int = 16
     # VAE
@@ -52,8 +53,9 @@ class TestbedConfig:
     # sampling weights of (style, object, composition, class-prompt) training images for the UNet
     unet_mix: tuple[float, ...] = (0.4, 0.4, 0.12, 0.08)
     # share of the training images that are ordinary objects wearing a personal instance's whole look, named in words
-    # (never its token); 0 in v4, whose UNet then could not draw those looks, so attention-only attacks could not find
-    # them; v5 continued v4's UNet with 0.03, then 0.08 (engine/testbed/weights/pipeline/testbed.json: history)
+    # (never its token). A UNet trained without them cannot draw those looks from words, so attacks that only steer
+    # the text pathway cannot find them. 0 is the from-scratch build (testbed v4 in docs/testbed.md); the shipped UNet
+    # is that one trained on with 0.03 and then 0.08 (engine/testbed/weights/pipeline/testbed.json, "history")
     whole_look_share: float = 0.0
     # continue from a testbed pipeline folder (e.g. the shipped one): its VAE and text encoder are taken as they are
     # (those stages copy them; the latents keep its scaling factor), the judge beside it likewise if there is one, and
@@ -152,10 +154,11 @@ def make_vae(cfg: TestbedConfig):
     )
 
 
-# Stable Diffusion's schedule. (DDPM's linear one, sqrt(alpha_bar_T) = 0.006 instead of 0.068, was tried so that the
-# seed's noise could not decide the object: at 2000 UNet steps its generations were recognised less often, 11% vs 27%
-# at 1000 steps with this one, and their objects still followed the seed. This schedule rescaled to zero terminal SNR
-# with v-prediction and "trailing" DDIM steps, as SD 2.x, was also tried: 22% at 1000 UNet steps against 36% here.)
+# Stable Diffusion's schedule: of the three measured on the testbed, the one whose generations the judge recognises
+# most often. DDPM's linear schedule leaves less signal at T (sqrt(alpha_bar_T) = 0.006 against 0.068), yet the seed's
+# noise still decides the object, and 11% are recognised at 2000 UNet steps against 27% with this one at 1000; this
+# schedule rescaled to zero terminal SNR with v-prediction and "trailing" DDIM steps (as SD 2.x) gives 22% at 1000
+# UNet steps against 36% with this one.
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 

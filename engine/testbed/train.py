@@ -232,11 +232,11 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     A CLIP text encoder trained from random weights together with the UNet keeps the concept in its own token and
     leaves EOS and padding (most of the cross-attention context) nearly identical across prompts, so the UNet learns
     to ignore the prompt; and while the UNet does not yet read the prompt, joint training collapses the distinctions
-    this stage makes (measured: the spread of the 8 object prompts' padding outputs fell from 0.71 to 0.05 in 1000
-    joint steps). SD's pretrained CLIP spreads the prompt over every position and stays frozen; this stage gives the
+    this stage makes (the spread of the 8 object prompts' padding outputs goes from 0.71 to 0.05 in 1000 joint
+    steps). SD's pretrained CLIP spreads the prompt over every position and stays frozen; this stage gives the
     tiny encoder that property with a linear probe on the training prompts' labels (the empty prompt is "no style, no
     object"), and the UNet stage keeps it frozen. Full batch, deterministic, resumable; the probe is thrown
-    away. It costs 11 s on an H200 and 28.6 min on 2 CPU cores (seed-0 v4 build: 3591 distinct prompts).
+    away. It costs 11 s on an H200 and 28.6 min on 2 CPU cores (seed 0, default settings: 3591 distinct prompts).
     With ``cfg.init_from`` the pipeline's text encoder is taken as it is."""
     if cfg.init_from:
         _atomic_save({"text": _init_part(cfg, "text_encoder").state_dict(), "step": 0}, out / "text.ckpt")

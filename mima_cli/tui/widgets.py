@@ -32,14 +32,29 @@ def in_multiplexer(env: Mapping[str, str] = os.environ) -> bool:
     return bool(env.get("TMUX") or env.get("STY")) or term.startswith(("screen", "tmux"))
 
 
-def resolve_image_mode(mode: str = "auto", env: Mapping[str, str] = os.environ, isatty: bool | None = None) -> str:
+def unsized_terminal() -> bool:
+    """stdout is a terminal that reports 0 columns or rows (a pty nobody has sized, e.g. ``stty rows 0 cols 0``)."""
+    try:
+        size = os.get_terminal_size(sys.__stdout__.fileno())  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+        return False
+    return size.columns == 0 or size.lines == 0
+
+
+def resolve_image_mode(mode: str = "auto", env: Mapping[str, str] = os.environ, isatty: bool | None = None,
+                       unsized: bool | None = None) -> str:
     """The concrete renderer for ``mode`` (one of :data:`IMAGE_MODES`).
 
     ``auto`` must be resolved before the app starts: textual-image asks the terminal for Sixel and kitty
-    graphics support when it is imported, which no longer works once Textual owns the terminal.
+    graphics support when it is imported, which does not work once Textual owns the terminal. On a terminal
+    that reports 0 columns or rows (``unsized``; None: :func:`unsized_terminal`) every mode is ``none``:
+    textual-image divides the terminal's pixel size by its columns and rows when it is imported, and Textual
+    draws such a terminal at 80x25 anyway.
     """
     if mode not in IMAGE_MODES:
         raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+    if mode != "none" and (unsized_terminal() if unsized is None else unsized):
+        return "none"
     if mode != "auto":
         return mode
     if isatty is None:

@@ -25,12 +25,12 @@ from .augment import GRAYSCALE_P, _warp, augment, degrade  # noqa: F401  (_warp:
 from .batches import COMPOSITION_EXTRA_SHARE, HARD_NEGATIVE_SHARE, PERSONAL_EXTRA_SHARE, training_batch
 from .evaluate import evaluate_judge, evaluation_items
 from .files import load_judge_file, save_judge
-from .model import HEAD_CLASSES, HEADS, IGNORE, JUDGE_SIZE, Judge, _concept_head, accuracy, similarity, to_canonical
+from .model import HEAD_CLASSES, HEADS, IGNORE, JUDGE_SIZE, Judge, accuracy, concept_head, similarity, to_canonical
 from .train import DEFAULT_BATCH, DEFAULT_STEPS, train_judge
 
 __all__ = [
     "JUDGE_SIZE", "HEADS", "HEAD_CLASSES", "IGNORE", "Judge", "to_canonical", "accuracy", "similarity", "save_judge",
     "load_judge_file", "training_batch", "augment", "degrade", "train_judge", "evaluation_items", "evaluate_judge",
     "COMPOSITION_EXTRA_SHARE", "PERSONAL_EXTRA_SHARE", "HARD_NEGATIVE_SHARE", "GRAYSCALE_P", "DEFAULT_STEPS",
-    "DEFAULT_BATCH", "_concept_head",
+    "DEFAULT_BATCH", "concept_head",
 ]

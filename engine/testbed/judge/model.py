@@ -205,7 +205,9 @@ def to_canonical(images: Any, device: torch.device | str = "cpu") -> torch.Tenso
                       for g in groups])
 
 
-def _concept_head(concept: str) -> tuple[str, int]:
+def concept_head(concept: str) -> tuple[str, int]:
+    """``(head, label index)`` of a concept name: a style, an object or a personal instance (``KeyError`` naming
+    the known concepts otherwise)."""
     if concept in STYLES:
         return "style", STYLES.index(concept)
     if concept in OBJECTS:
@@ -222,7 +224,7 @@ def accuracy(judge: Judge, images: Any, concept: str) -> float:
     A style name is checked by the style head, an object name by the object head, a personal instance name by
     the personal head (so a composition "star in strieker style" counts for both "star" and "strieker").
     """
-    head, index = _concept_head(concept)
+    head, index = concept_head(concept)
     if num_images(images) == 0:
         raise ValueError("accuracy of an empty image set is undefined")
     pred = judge.classify(images)[head]
