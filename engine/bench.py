@@ -93,24 +93,60 @@ def measure(step, device, repeats: int = 5, warmup: int = 2) -> tuple[float, flo
     return statistics.median(times), peak
 
 
+def _step_sets(unet):
+    """The scheduler and the parameter sets of every measured step: lower ``unet``, upper ``xattn``, the k/v weights."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    names = [k for k, _ in unet.named_parameters()]
+    upper = [k for k in names if ".attn2." in k]
+    kv = {k for k in upper if (".to_k." in k or ".to_v." in k) and k.endswith(".weight")}
+    return sched, names, upper, kv
+
+
+def mima_step(unet, text: tuple[int, int], n: int, mode: str, inner_lr: float = 1e-5):
+    """A :class:`~engine.immunize.core.BiLevel` for ``n`` random concepts (6 merge rows each, 200 regularisation
+    rows, ridge 1e-2) and their synthetic tasks, on ``unet``'s device."""
+    from .editing import merge_projector
+    from .immunize.core import BiLevel, make_merge_fn
+
+    dev = next(unet.parameters()).device
+    sched, names, upper, kv = _step_sets(unet)
+    g = torch.Generator().manual_seed(1)
+    proj = merge_projector([torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)],
+                           torch.randn(200, text[1], generator=g).to(dev), ridge=1e-2)
+    core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv))
+    return core, synthetic_tasks(n, unet, text, dev, seed=n)
+
+
+def upper_step(core, tasks, opt, alternating: bool = False, tracker=None) -> None:
+    """One outer step: the meta-gradient (or the alternating scheme's gradient) into ``.grad``, then ``opt``. With a
+    :class:`~engine.memory.MemoryTracker`, what the optimiser creates is counted as ``optimizer``."""
+    grads, _ = (core.alternating_gradient if alternating else core.meta_gradient)(tasks)
+    for k, g in grads.items():
+        core.params[k].grad = g
+    del grads
+    if tracker is not None:
+        tracker.phase = "optimizer"
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if tracker is not None:
+        tracker.phase = "step"
+
+
 def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", "fd", "first-order"),
         repeats: int = 5, warmup: int = 2, autocast: bool | None = None, inner_lr: float = 1e-5,
         emit=lambda row: None) -> list[dict]:
-    from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor
 
-    from .editing import merge_projector
-    from .immunize.core import BiLevel, make_merge_fn
+    from .immunize.core import BiLevel
 
     dev = torch.device(device)
     autocast = dev.type == "cuda" if autocast is None else autocast
     torch.manual_seed(0)
     unet, text = build_unet(arch)
     unet = unet.to(dev)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    names = [n for n, _ in unet.named_parameters()]
-    upper = [n for n in names if ".attn2." in n]
-    kv = {n for n in upper if (".to_k." in n or ".to_v." in n) and n.endswith(".weight")}
+    sched, names, upper, _ = _step_sets(unet)
     total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else float("inf")
     rows = []
     base = {"arch": arch, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -150,22 +186,10 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
     up_opt = torch.optim.AdamW([dict(unet.named_parameters())[k] for k in upper], lr=1e-6, maximize=True)
 
     def make(n, mode):
-        g = torch.Generator().manual_seed(1)
-        rows_c = [torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)]
-        reg = torch.randn(200, text[1], generator=g).to(dev)
-        proj = merge_projector(rows_c, reg, ridge=1e-2)
-        return BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv)), \
-            synthetic_tasks(n, unet, text, dev, seed=n)
+        return mima_step(unet, text, n, mode, inner_lr)
 
     def stepper(core, tasks, alternating=False):
-        def step():
-            grads, _ = (core.alternating_gradient if alternating else core.meta_gradient)(tasks)
-            params = core.params
-            for k, g in grads.items():
-                params[k].grad = g
-            up_opt.step()
-            up_opt.zero_grad(set_to_none=True)
-        return step
+        return lambda: upper_step(core, tasks, up_opt, alternating)
 
     core, tasks = make(3, "first-order")
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -197,11 +221,7 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
 
     ``latent`` (default: the architecture's) shrinks the latents, not the network: an exact float32 step at SD 1.x
     shapes needs about twice the bf16 figure in :data:`STEP_GIB`, beyond one card at 64x64 for N = 2."""
-    from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor
-
-    from .editing import merge_projector
-    from .immunize.core import BiLevel, make_merge_fn
 
     dev = torch.device(device)
     autocast = dev.type == "cuda" if autocast is None else autocast
@@ -210,25 +230,17 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
     if latent:
         unet.register_to_config(sample_size=latent)
     unet = unet.to(dev)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    names = [k for k, _ in unet.named_parameters()]
-    upper = [k for k in names if ".attn2." in k]
-    kv = {k for k in upper if (".to_k." in k or ".to_v." in k) and k.endswith(".weight")}
-    g = torch.Generator().manual_seed(1)
-    proj = merge_projector([torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)],
-                           torch.randn(200, text[1], generator=g).to(dev), ridge=1e-2)
-    tasks = synthetic_tasks(n, unet, text, dev, seed=n)
 
-    def meta(mode):
-        core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv))
-        grads, _ = core.meta_gradient(tasks)
-        return torch.cat([grads[k].double().flatten() for k in upper])
+    def meta(mode, amp=False):
+        core, tasks = mima_step(unet, text, n, mode, inner_lr)  # the merge's projector in float32
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            grads, _ = core.meta_gradient(tasks)
+        return torch.cat([grads[k].double().flatten() for k in core.upper])
 
     unet.set_attn_processor(AttnProcessor())
     exact = meta("exact")
     unet.set_default_attn_processor()
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-        fd = meta("fd")
+    fd = meta("fd", autocast)
     first = meta("first-order")
     cos = float(fd @ exact / (fd.norm() * exact.norm()))
     return {"arch": arch, "name": "agreement", "n": n, "latent": unet.config.sample_size,
