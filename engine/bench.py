@@ -8,6 +8,11 @@ measurement: ``{"name", "mode", "n", "seconds" (median after warm-up), "peak_gib
 Measured: a plain fine-tuning step (fwd + bwd + AdamW, batch 2 = instance + prior); the ``alternating`` scheme of
 the released code; ``mima`` in ``exact`` (classic attention: SDPA kernels have no double backward), ``fd`` and
 ``first-order`` for each N. Configurations predicted not to fit in the device's memory are skipped (a JSON line says so).
+
+    python -m engine.bench --memory --arch sd1 --n 1 2 3 --latent 8   # bytes by component on the CPU, and the model
+
+``--memory`` counts what one mima step holds, by component (:func:`memory`, :mod:`engine.memory`), and fits each
+component's constant and per-concept bytes (:func:`memory_model`), with the peak predicted at 64x64 in bf16.
 """
 
 from __future__ import annotations
@@ -248,6 +253,84 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
             "cosine_first_order_exact": round(float(first @ exact / (first.norm() * exact.norm())), 6)}
 
 
+MODEL_COMPONENTS = ("params", "optimizer", "copies", "kv copies", "gradients", "activations", "other", "peak")
+
+
+def memory(arch: str = "sd1", ns=(1, 2, 3), modes=("exact", "fd", "first-order"), latent: int = 8,
+           inner_lr: float = 1e-5, emit=lambda row: None) -> list[dict]:
+    """Bytes held by one mima step (meta-gradient, then AdamW on ``S^u``) by component (:mod:`engine.memory`), for
+    each mode and N: float32 on the CPU, random weights, ``latent`` x ``latent`` latents. One row per step, bytes:
+    ``params`` and ``kv`` (held before the step), ``peak`` (parameters + the most the step's tensors held at once),
+    each component's own maximum during the step, and ``at_peak`` (the components at the peak)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from .memory import COMPONENTS, MemoryTracker, storage_bytes
+
+    torch.manual_seed(0)
+    unet, text = build_unet(arch)
+    unet.register_to_config(sample_size=latent)
+    params = dict(unet.named_parameters())
+    _, _, upper, kv = _step_sets(unet)
+    held = {"params": storage_bytes(params.values()), "kv": storage_bytes(params[k] for k in kv)}
+    rows = []
+    for mode in modes:
+        if mode == "exact":
+            unet.set_attn_processor(AttnProcessor())
+        for n in ns:
+            core, tasks = mima_step(unet, text, n, mode, inner_lr)
+            opt = torch.optim.AdamW([params[k] for k in upper], lr=1e-6, maximize=True)
+            with MemoryTracker(params.items(), kv) as mem:
+                upper_step(core, tasks, opt, tracker=mem)
+            row = {"name": "memory", "arch": arch, "mode": mode, "n": n, "latent": latent, "dtype": "fp32", **held,
+                   "peak": held["params"] + mem.peak, **{k: mem.most[k] for k in COMPONENTS},
+                   "at_peak": mem.at_peak}
+            rows.append(row)
+            emit(row)
+            del core, tasks, opt, mem
+        unet.set_default_attn_processor()
+    return rows
+
+
+def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
+    """For each mode measured at two N or more: every component's ``(constant, per concept)`` bytes, the least-squares
+    line through the :func:`memory` rows, and the predicted peak GiB at ``latent`` x ``latent`` latents under bf16
+    autocast for each of ``ns``. The prediction is an upper bound: the sum of each component's own maximum; fp32
+    parameters, optimiser state, copies and gradients as measured; a bf16 cast of every weight held at once (autocast
+    saves the casts for backward; the fp32 rows have none); saved activations and other temporaries (forward and
+    backward intermediates) times the latent area ratio and halved for bf16, all of them, also those that do not
+    grow with the latents (the text's keys and values). Area, not its square, holds where attention does not store its
+    score matrix (SDPA's flash and memory-efficient kernels); ``exact`` runs the classic processor, whose scores grow
+    with the square of the area, so it is not predicted."""
+    import numpy as np
+
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        rs = [r for r in rows if r["mode"] == mode]
+        ns_m = [r["n"] for r in rs]
+        if len(set(ns_m)) < 2:
+            continue
+        fit = {}
+        for k in MODEL_COMPONENTS:
+            slope, const = np.polyfit(ns_m, [r[k] for r in rs], 1)
+            fit[k] = (float(const), float(slope))
+        area = (latent / rs[0]["latent"]) ** 2
+
+        def at(k, n):
+            return fit[k][0] + fit[k][1] * n
+
+        def predict(n):
+            held = at("params", n) + at("optimizer", n) + at("copies", n) + at("gradients", n)
+            return (held + 0.5 * rs[0]["params"] + 0.5 * area * (at("activations", n) + at("other", n))) / 2**30
+
+        out.append({"name": "memory-model", "arch": rs[0]["arch"], "mode": mode, "measured_n": ns_m,
+                    "measured_latent": rs[0]["latent"], "kv": rs[0]["kv"],
+                    "constant": {k: round(c) for k, (c, _) in fit.items()},
+                    "per_concept": {k: round(p) for k, (_, p) in fit.items()},
+                    "latent": latent, "autocast": "bf16",
+                    "predicted_gib": {n: None if mode == "exact" else round(predict(n), 1) for n in ns}})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=("sd1", "sd2", "testbed"), default="sd1")
@@ -258,13 +341,23 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--agreement", action="store_true",
                     help="only the cosine of fd (bf16) and exact (fp32) meta-gradients at the first --n")
-    ap.add_argument("--latent", type=int, default=None, help="latent size of the --agreement check")
+    ap.add_argument("--memory", action="store_true",
+                    help="bytes held by component (float32 on the CPU) for each --n and mode, then the fitted model")
+    ap.add_argument("--latent", type=int, default=None,
+                    help="latent size of the --agreement check and of --memory (default 8)")
     args = ap.parse_args(argv)
+
+    def emit(row):
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
     if args.agreement:
-        sys.stdout.write(json.dumps(agreement(args.arch, args.device, args.n[0], args.latent)) + "\n")
-        return 0
-    run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup,
-        emit=lambda row: sys.stdout.write(json.dumps(row) + "\n") or sys.stdout.flush())
+        emit(agreement(args.arch, args.device, args.n[0], args.latent))
+    elif args.memory:
+        for row in memory_model(memory(args.arch, args.n, args.modes, args.latent or 8, emit=emit)):
+            emit(row)
+    else:
+        run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup, emit=emit)
     return 0
 
 
