@@ -253,7 +253,8 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
             "cosine_first_order_exact": round(float(first @ exact / (first.norm() * exact.norm())), 6)}
 
 
-MODEL_COMPONENTS = ("params", "optimizer", "copies", "kv copies", "gradients", "activations", "other", "peak")
+MODEL_COMPONENTS = ("params", "optimizer", "copies", "kv copies", "gradients", "parameter-shaped", "activations",
+                    "other", "peak")
 
 
 def memory(arch: str = "sd1", ns=(1, 2, 3), modes=("exact", "fd", "first-order"), latent: int = 8,
@@ -295,7 +296,7 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
     """For each mode measured at two N or more: every component's ``(constant, per concept)`` bytes, the least-squares
     line through the :func:`memory` rows, and the predicted peak GiB at ``latent`` x ``latent`` latents under bf16
     autocast for each of ``ns``. The prediction is an upper bound: the sum of each component's own maximum; fp32
-    parameters, optimiser state, copies and gradients as measured; a bf16 cast of every weight held at once (autocast
+    parameters, optimiser state and parameter-shaped tensors (copies and gradients) as measured; a bf16 cast of every weight held at once (autocast
     saves the casts for backward; the fp32 rows have none); saved activations and other temporaries (forward and
     backward intermediates) times the latent area ratio and halved for bf16, all of them, also those that do not
     grow with the latents (the text's keys and values). Area, not its square, holds where attention does not store its
@@ -319,7 +320,7 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
             return fit[k][0] + fit[k][1] * n
 
         def predict(n):
-            held = at("params", n) + at("optimizer", n) + at("copies", n) + at("gradients", n)
+            held = at("params", n) + at("optimizer", n) + at("parameter-shaped", n)
             return (held + 0.5 * rs[0]["params"] + 0.5 * area * (at("activations", n) + at("other", n))) / 2**30
 
         out.append({"name": "memory-model", "arch": rs[0]["arch"], "mode": mode, "measured_n": ns_m,
