@@ -296,12 +296,12 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
     """For each mode measured at two N or more: every component's ``(constant, per concept)`` bytes, the least-squares
     line through the :func:`memory` rows, and the predicted peak GiB at ``latent`` x ``latent`` latents under bf16
     autocast for each of ``ns``. The prediction is an upper bound: the sum of each component's own maximum; fp32
-    parameters, optimiser state and parameter-shaped tensors (copies and gradients) as measured; a bf16 cast of every weight held at once (autocast
-    saves the casts for backward; the fp32 rows have none); saved activations and other temporaries (forward and
-    backward intermediates) times the latent area ratio and halved for bf16, all of them, also those that do not
-    grow with the latents (the text's keys and values). Area, not its square, holds where attention does not store its
-    score matrix (SDPA's flash and memory-efficient kernels); ``exact`` runs the classic processor, whose scores grow
-    with the square of the area, so it is not predicted."""
+    parameters, optimiser state and parameter-shaped tensors (copies and gradients) as measured; a bf16 cast of every
+    weight held at once (autocast saves the casts for backward; the fp32 rows have none); saved activations and other
+    temporaries (forward and backward intermediates) times the latent area ratio and halved for bf16, all of them,
+    also those that do not grow with the latents (the text's keys and values). Area, not its square, holds where
+    attention does not store its score matrix (SDPA's flash and memory-efficient kernels); ``exact`` runs the classic
+    processor, whose scores grow with the square of the area, so it is not predicted."""
     import numpy as np
 
     out = []

@@ -19,9 +19,9 @@ storage gets one component when it is created:
 - ``other``: the rest (temporaries of the forward and backward passes, losses).
 
 A storage keeps the component it was created with: a tensor written in place over another (the lean step's adapted
-weights over their inner gradients) counts where the storage was first counted. Shapes decide what is parameter-shaped, so an activation that happens to have a weight's shape would count as one.
-A tensor built from Python data (``torch.tensor(0.0)``, an optimiser's step counter) is made without an operation
-and is not counted.
+weights over their inner gradients) counts where the storage was first counted. Shapes decide what is
+parameter-shaped, so an activation that happens to have a weight's shape would count as one. A tensor built from
+Python data (``torch.tensor(0.0)``, an optimiser's step counter) is made without an operation and is not counted.
 """
 
 from __future__ import annotations
