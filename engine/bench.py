@@ -38,7 +38,8 @@ STEP_GIB = {"fine-tune": (17.8, 0.0), "exact": (13.1, 38.0), "fd": (41.7, 16.0),
 (one H200, batch 2 per concept at 64x64 latents, bf16 autocast; table in benchmarks/README.md). They were measured
 while the upper level still ran every concept's batch at once; it now runs one at a time, so for fd and first-order
 the per-concept slope is an upper bound until re-measured. ``run`` skips the exact rows predicted above 90% of the
-card instead of running them."""
+card instead of running them. The memory model measured on the CPU since (:func:`memory_model`, benchmarks/README.md)
+predicts at most ~15 GiB for fd and first-order at N = 3 and 10 with the lean step; a GPU measurement replaces these."""
 
 
 def predicted_gib(mode: str, n: int) -> float:
