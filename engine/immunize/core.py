@@ -297,7 +297,8 @@ class BiLevel:
         (one per layer, whatever N) and one backward pass through the merge alone hands it to the N copies, so what
         grows with N is the copies and their gradients: 2 |k/v| per concept (``fd_scheme = "forward"`` also keeps
         each task's ``grad_{S^u} L_n(theta)``). The inner gradients become the adapted weights in place, the
-        averaged weights are freed before the Hessian-vector products: memory ~ 3 |S^l| + 2N |k/v|."""
+        averaged weights are freed before the Hessian-vector products: the peak, parameters included, is about
+        3 |S^l| + 2N |k/v| + one task's activations (with ``S^l`` the whole UNet; benchmarks/README.md)."""
         stats = StepStats()
         n = len(tasks)
         kv = self._kv_names()
