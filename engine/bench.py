@@ -8,6 +8,11 @@ measurement: ``{"name", "mode", "n", "seconds" (median after warm-up), "peak_gib
 Measured: a plain fine-tuning step (fwd + bwd + AdamW, batch 2 = instance + prior); the ``alternating`` scheme of
 the released code; ``mima`` in ``exact`` (classic attention: SDPA kernels have no double backward), ``fd`` and
 ``first-order`` for each N. Configurations predicted not to fit in the device's memory are skipped (a JSON line says so).
+
+    python -m engine.bench --memory --arch sd1 --n 1 2 3 --latent 8   # bytes by component on the CPU, and the model
+
+``--memory`` counts what one mima step holds, by component (:func:`memory`, :mod:`engine.memory`), and fits each
+component's constant and per-concept bytes (:func:`memory_model`), with the peak predicted at 64x64 in bf16.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ STEP_GIB = {"fine-tune": (17.8, 0.0), "exact": (13.1, 38.0), "fd": (41.7, 16.0),
 (one H200, batch 2 per concept at 64x64 latents, bf16 autocast; table in benchmarks/README.md). They were measured
 while the upper level still ran every concept's batch at once; it now runs one at a time, so for fd and first-order
 the per-concept slope is an upper bound until re-measured. ``run`` skips the exact rows predicted above 90% of the
-card instead of running them."""
+card instead of running them. The memory model measured on the CPU since (:func:`memory_model`, benchmarks/README.md)
+predicts at most ~15 GiB for fd and first-order at N = 3 and 10 with the lean step; a GPU measurement replaces these."""
 
 
 def predicted_gib(mode: str, n: int) -> float:
@@ -93,24 +99,60 @@ def measure(step, device, repeats: int = 5, warmup: int = 2) -> tuple[float, flo
     return statistics.median(times), peak
 
 
+def _step_sets(unet):
+    """The scheduler and the parameter sets of every measured step: lower ``unet``, upper ``xattn``, the k/v weights."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    names = [k for k, _ in unet.named_parameters()]
+    upper = [k for k in names if ".attn2." in k]
+    kv = {k for k in upper if (".to_k." in k or ".to_v." in k) and k.endswith(".weight")}
+    return sched, names, upper, kv
+
+
+def mima_step(unet, text: tuple[int, int], n: int, mode: str, inner_lr: float = 1e-5):
+    """A :class:`~engine.immunize.core.BiLevel` for ``n`` random concepts (6 merge rows each, 200 regularisation
+    rows, ridge 1e-2) and their synthetic tasks, on ``unet``'s device."""
+    from .editing import merge_projector
+    from .immunize.core import BiLevel, make_merge_fn
+
+    dev = next(unet.parameters()).device
+    sched, names, upper, kv = _step_sets(unet)
+    g = torch.Generator().manual_seed(1)
+    proj = merge_projector([torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)],
+                           torch.randn(200, text[1], generator=g).to(dev), ridge=1e-2)
+    core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv))
+    return core, synthetic_tasks(n, unet, text, dev, seed=n)
+
+
+def upper_step(core, tasks, opt, alternating: bool = False, tracker=None) -> None:
+    """One outer step: the meta-gradient (or the alternating scheme's gradient) into ``.grad``, then ``opt``. With a
+    :class:`~engine.memory.MemoryTracker`, what the optimiser creates is counted as ``optimizer``."""
+    grads, _ = (core.alternating_gradient if alternating else core.meta_gradient)(tasks)
+    for k, g in grads.items():
+        core.params[k].grad = g
+    del grads
+    if tracker is not None:
+        tracker.phase = "optimizer"
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if tracker is not None:
+        tracker.phase = "step"
+
+
 def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", "fd", "first-order"),
         repeats: int = 5, warmup: int = 2, autocast: bool | None = None, inner_lr: float = 1e-5,
         emit=lambda row: None) -> list[dict]:
-    from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor
 
-    from .editing import merge_projector
-    from .immunize.core import BiLevel, make_merge_fn
+    from .immunize.core import BiLevel
 
     dev = torch.device(device)
     autocast = dev.type == "cuda" if autocast is None else autocast
     torch.manual_seed(0)
     unet, text = build_unet(arch)
     unet = unet.to(dev)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    names = [n for n, _ in unet.named_parameters()]
-    upper = [n for n in names if ".attn2." in n]
-    kv = {n for n in upper if (".to_k." in n or ".to_v." in n) and n.endswith(".weight")}
+    sched, names, upper, _ = _step_sets(unet)
     total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else float("inf")
     rows = []
     base = {"arch": arch, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -150,22 +192,10 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
     up_opt = torch.optim.AdamW([dict(unet.named_parameters())[k] for k in upper], lr=1e-6, maximize=True)
 
     def make(n, mode):
-        g = torch.Generator().manual_seed(1)
-        rows_c = [torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)]
-        reg = torch.randn(200, text[1], generator=g).to(dev)
-        proj = merge_projector(rows_c, reg, ridge=1e-2)
-        return BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv)), \
-            synthetic_tasks(n, unet, text, dev, seed=n)
+        return mima_step(unet, text, n, mode, inner_lr)
 
     def stepper(core, tasks, alternating=False):
-        def step():
-            grads, _ = (core.alternating_gradient if alternating else core.meta_gradient)(tasks)
-            params = core.params
-            for k, g in grads.items():
-                params[k].grad = g
-            up_opt.step()
-            up_opt.zero_grad(set_to_none=True)
-        return step
+        return lambda: upper_step(core, tasks, up_opt, alternating)
 
     core, tasks = make(3, "first-order")
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -197,11 +227,7 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
 
     ``latent`` (default: the architecture's) shrinks the latents, not the network: an exact float32 step at SD 1.x
     shapes needs about twice the bf16 figure in :data:`STEP_GIB`, beyond one card at 64x64 for N = 2."""
-    from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor
-
-    from .editing import merge_projector
-    from .immunize.core import BiLevel, make_merge_fn
 
     dev = torch.device(device)
     autocast = dev.type == "cuda" if autocast is None else autocast
@@ -210,30 +236,101 @@ def agreement(arch: str = "sd1", device: str = "cuda", n: int = 2, latent: int |
     if latent:
         unet.register_to_config(sample_size=latent)
     unet = unet.to(dev)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    names = [k for k, _ in unet.named_parameters()]
-    upper = [k for k in names if ".attn2." in k]
-    kv = {k for k in upper if (".to_k." in k or ".to_v." in k) and k.endswith(".weight")}
-    g = torch.Generator().manual_seed(1)
-    proj = merge_projector([torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)],
-                           torch.randn(200, text[1], generator=g).to(dev), ridge=1e-2)
-    tasks = synthetic_tasks(n, unet, text, dev, seed=n)
 
-    def meta(mode):
-        core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv))
-        grads, _ = core.meta_gradient(tasks)
-        return torch.cat([grads[k].double().flatten() for k in upper])
+    def meta(mode, amp=False):
+        core, tasks = mima_step(unet, text, n, mode, inner_lr)  # the merge's projector in float32
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            grads, _ = core.meta_gradient(tasks)
+        return torch.cat([grads[k].double().flatten() for k in core.upper])
 
     unet.set_attn_processor(AttnProcessor())
     exact = meta("exact")
     unet.set_default_attn_processor()
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-        fd = meta("fd")
+    fd = meta("fd", autocast)
     first = meta("first-order")
     cos = float(fd @ exact / (fd.norm() * exact.norm()))
     return {"arch": arch, "name": "agreement", "n": n, "latent": unet.config.sample_size,
             "fd": "bf16" if autocast else "fp32", "exact": "fp32", "cosine_fd_exact": round(cos, 6),
             "cosine_first_order_exact": round(float(first @ exact / (first.norm() * exact.norm())), 6)}
+
+
+MODEL_COMPONENTS = ("params", "optimizer", "copies", "kv copies", "gradients", "parameter-shaped", "activations",
+                    "other", "peak")
+
+
+def memory(arch: str = "sd1", ns=(1, 2, 3), modes=("exact", "fd", "first-order"), latent: int = 8,
+           inner_lr: float = 1e-5, emit=lambda row: None) -> list[dict]:
+    """Bytes held by one mima step (meta-gradient, then AdamW on ``S^u``) by component (:mod:`engine.memory`), for
+    each mode and N: float32 on the CPU, random weights, ``latent`` x ``latent`` latents. One row per step, bytes:
+    ``params`` and ``kv`` (held before the step), ``peak`` (parameters + the most the step's tensors held at once),
+    each component's own maximum during the step, and ``at_peak`` (the components at the peak)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from .memory import COMPONENTS, MemoryTracker, storage_bytes
+
+    torch.manual_seed(0)
+    unet, text = build_unet(arch)
+    unet.register_to_config(sample_size=latent)
+    params = dict(unet.named_parameters())
+    _, _, upper, kv = _step_sets(unet)
+    held = {"params": storage_bytes(params.values()), "kv": storage_bytes(params[k] for k in kv)}
+    rows = []
+    for mode in modes:
+        if mode == "exact":
+            unet.set_attn_processor(AttnProcessor())
+        for n in ns:
+            core, tasks = mima_step(unet, text, n, mode, inner_lr)
+            opt = torch.optim.AdamW([params[k] for k in upper], lr=1e-6, maximize=True)
+            with MemoryTracker(params.items(), kv) as mem:
+                upper_step(core, tasks, opt, tracker=mem)
+            row = {"name": "memory", "arch": arch, "mode": mode, "n": n, "latent": latent, "dtype": "fp32", **held,
+                   "peak": held["params"] + mem.peak, **{k: mem.most[k] for k in COMPONENTS},
+                   "at_peak": mem.at_peak}
+            rows.append(row)
+            emit(row)
+            del core, tasks, opt, mem
+        unet.set_default_attn_processor()
+    return rows
+
+
+def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
+    """For each mode measured at two N or more: every component's ``(constant, per concept)`` bytes, the least-squares
+    line through the :func:`memory` rows, and the predicted peak GiB at ``latent`` x ``latent`` latents under bf16
+    autocast for each of ``ns``. The prediction is an upper bound: the sum of each component's own maximum; fp32
+    parameters, optimiser state and parameter-shaped tensors (copies and gradients) as measured; a bf16 cast of every
+    weight held at once (autocast saves the casts for backward; the fp32 rows have none); saved activations and other
+    temporaries (forward and backward intermediates) times the latent area ratio and halved for bf16, all of them,
+    also those that do not grow with the latents (the text's keys and values). Area, not its square, holds where
+    attention does not store its score matrix (SDPA's flash and memory-efficient kernels); ``exact`` runs the classic
+    processor, whose scores grow with the square of the area, so it is not predicted."""
+    import numpy as np
+
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        rs = [r for r in rows if r["mode"] == mode]
+        ns_m = [r["n"] for r in rs]
+        if len(set(ns_m)) < 2:
+            continue
+        fit = {}
+        for k in MODEL_COMPONENTS:
+            slope, const = np.polyfit(ns_m, [r[k] for r in rs], 1)
+            fit[k] = (float(const), float(slope))
+        area = (latent / rs[0]["latent"]) ** 2
+
+        def at(k, n):
+            return fit[k][0] + fit[k][1] * n
+
+        def predict(n):
+            held = at("params", n) + at("optimizer", n) + at("parameter-shaped", n)
+            return (held + 0.5 * rs[0]["params"] + 0.5 * area * (at("activations", n) + at("other", n))) / 2**30
+
+        out.append({"name": "memory-model", "arch": rs[0]["arch"], "mode": mode, "measured_n": ns_m,
+                    "measured_latent": rs[0]["latent"], "kv": rs[0]["kv"],
+                    "constant": {k: round(c) for k, (c, _) in fit.items()},
+                    "per_concept": {k: round(p) for k, (_, p) in fit.items()},
+                    "latent": latent, "autocast": "bf16",
+                    "predicted_gib": {n: None if mode == "exact" else round(predict(n), 1) for n in ns}})
+    return out
 
 
 def main(argv=None) -> int:
@@ -246,13 +343,23 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--agreement", action="store_true",
                     help="only the cosine of fd (bf16) and exact (fp32) meta-gradients at the first --n")
-    ap.add_argument("--latent", type=int, default=None, help="latent size of the --agreement check")
+    ap.add_argument("--memory", action="store_true",
+                    help="bytes held by component (float32 on the CPU) for each --n and mode, then the fitted model")
+    ap.add_argument("--latent", type=int, default=None,
+                    help="latent size of the --agreement check and of --memory (default 8)")
     args = ap.parse_args(argv)
+
+    def emit(row):
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
     if args.agreement:
-        sys.stdout.write(json.dumps(agreement(args.arch, args.device, args.n[0], args.latent)) + "\n")
-        return 0
-    run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup,
-        emit=lambda row: sys.stdout.write(json.dumps(row) + "\n") or sys.stdout.flush())
+        emit(agreement(args.arch, args.device, args.n[0], args.latent))
+    elif args.memory:
+        for row in memory_model(memory(args.arch, args.n, args.modes, args.latent or 8, emit=emit)):
+            emit(row)
+    else:
+        run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup, emit=emit)
     return 0
 
 

@@ -66,3 +66,21 @@ def test_bench_row_out_of_memory_is_recorded_and_the_rest_still_run(monkeypatch)
     rows = bench.run("testbed", "cpu", ns=(2,), modes=("fd", "first-order"), repeats=1, warmup=0)
     assert [(r["mode"], "skipped" in r) for r in rows[2:]] == [("fd", True), ("first-order", False)]
     assert rows[2]["skipped"].startswith("out of memory") and rows[3]["seconds"] > 0
+
+
+def test_memory_rows_and_their_model():
+    """``--memory`` counts one step's bytes by component on the CPU, the components at the peak add up to it, the
+    model's lines go through the rows, and its N = 3 prediction at 64x64 is above the peak measured for N = 2 at 8x8."""
+    from engine.bench import MODEL_COMPONENTS, memory, memory_model
+
+    rows = memory("testbed", ns=(1, 2), modes=("first-order",), latent=8)
+    assert [(r["mode"], r["n"]) for r in rows] == [("first-order", 1), ("first-order", 2)]
+    for r in rows:
+        assert r["peak"] > r["params"] > r["kv"] > 0 and r["activations"] > 0 and r["optimizer"] > 0
+        assert sum(v for k, v in r["at_peak"].items() if k not in ("kv copies", "parameter-shaped")) \
+            == r["peak"] - r["params"]
+    (model,) = memory_model(rows)
+    for r in rows:
+        for k in MODEL_COMPONENTS:
+            assert abs(model["constant"][k] + model["per_concept"][k] * r["n"] - r[k]) <= 2
+    assert model["predicted_gib"][3] * 2**30 > rows[1]["peak"]

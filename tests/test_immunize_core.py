@@ -279,3 +279,30 @@ def test_several_inner_steps_are_refused_outside_first_order():
         merge_projector(rows, reg, ridge=0.01), kv))
     with pytest.raises(ValueError, match="first-order"):
         core.meta_gradient(_with_more_steps(tasks, 2))
+
+
+def _parameter_shaped_bytes(mode: str, n: int) -> tuple[int, int]:
+    """The most bytes of parameter-shaped tensors (copies and gradients) one step held at once, and the k/v bytes."""
+    from engine.memory import MemoryTracker, storage_bytes
+
+    unet, lower, upper, kv, rows, reg, tasks = problem(n)
+    core = BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, mode, 1e-4,
+                   make_merge_fn(merge_projector(rows, reg, ridge=0.01), kv))
+    with MemoryTracker(unet.named_parameters(), kv) as mem:
+        core.meta_gradient(tasks)
+    return mem.most["parameter-shaped"], storage_bytes(p for k, p in unet.named_parameters() if k in kv)
+
+
+@pytest.mark.parametrize("mode", ["fd", "first-order", "exact"])
+def test_parameter_copies_grow_with_n_by_the_kv_only(mode):
+    """The lean step holds the averaged lower-level parameters once, whatever N, and per concept a copy of the k/v
+    weights and its gradient; exact keeps every concept's adapted copy of the whole UNet with its graph, and the
+    same bound catches it. From N = 2 on (N = 1 has no sum: its one pass's gradients are stored as they come),
+    so that what differs is the concepts only."""
+    two, kv = _parameter_shaped_bytes(mode, 2)
+    four, _ = _parameter_shaped_bytes(mode, 4)
+    bound = 2 * kv * (4 - 2) + kv / 4  # the step before it held 3-4 k/v per concept in the upper passes
+    if mode == "exact":
+        assert four - two > 10 * bound, (two, four, kv)
+    else:
+        assert four - two <= bound, (two, four, kv)

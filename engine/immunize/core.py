@@ -195,10 +195,13 @@ class BiLevel:
         theta_l = [self.params[k] for k in self.lower + extra]
         loss = self.inner_objective({}, task.lower)
         grads = torch.autograd.grad(loss, theta_l, create_graph=create_graph, materialize_grads=with_upper)
-        grads = dict(zip(self.lower + extra, grads))
-        adapted = {k: self.params[k] - self.inner_lr * (grads[k] if create_graph else grads[k].detach())
-                   for k in self.lower}
-        g_upper = {k: grads[k].detach() for k in self.upper} if with_upper else None
+        grads = dict(zip(self.lower + extra, grads if create_graph else _own(grads)))
+        lower = set(self.lower)
+        g_upper = {k: grads[k].clone() if k in lower else grads[k] for k in self.upper} if with_upper else None
+        if create_graph:
+            adapted = {k: self.params[k] - self.inner_lr * grads[k] for k in self.lower}
+        else:  # in the gradient's storage: -(alpha g) + theta is theta - alpha g to the bit
+            adapted = {k: grads[k].mul_(-self.inner_lr).add_(self.params[k].detach()) for k in self.lower}
         if task.more_lower:
             if create_graph or self.gradient != "first-order":
                 raise ValueError("several inner steps need gradient = 'first-order' (nothing is carried back "
@@ -223,35 +226,42 @@ class BiLevel:
         return self.merge_fn(anchor, adapted)
 
     def _upper_gradient(self, merged: dict, tasks: Sequence[Task], wrt: list[torch.Tensor],
-                        keep: Batch | None = None, stats: StepStats | None = None
+                        keep: Batch | None = None, stats: StepStats | None = None, retain: bool = False
                         ) -> tuple[list[torch.Tensor], float, float]:
         """``dJ/d wrt`` with ``J = sum_n A(L_n(merged))`` (each task's instance loss, through :func:`ascended`,
         minus ``prior_weight`` times its prior loss, on its upper batch) minus the preservation term on ``keep``
         (when set), and the summed instance and prior losses. One task's forward pass at a time, the merge's graph
         kept between them: the activations of one task are held, not N (on an H200 at SD v1.4 shapes each concept's
-        batch added ~16 GiB when they ran together)."""
-        grads, outer, prior_sum = None, 0.0, 0.0
+        batch added ~16 GiB when they ran together). The sum is accumulated in place, in ``.grad`` (each pass's gradient
+        of a tensor is freed once added; ``wrt``'s own ``.grad`` are put back after). ``retain``: keep the graph
+        upstream of ``merged`` (the merge's) for a backward pass after this one."""
+        outer, prior_sum = 0.0, 0.0
         keep = keep if self.preserve is not None and self.preserve.weight > 0 else None
-        for i, task in enumerate(tasks):
-            inst, prior = self.losses(merged, task.upper)
-            g = torch.autograd.grad(ascended(inst, self.ascent, self.ascent_cap) - self.prior_weight * prior, wrt,
-                                    materialize_grads=True, retain_graph=i < len(tasks) - 1 or keep is not None)
-            # out of place: autograd may hand the same tensor to two inputs (e.g. the two sides of a sum)
-            grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
-            outer += float(inst.detach())
-            prior_sum += float(prior.detach())
-            del inst, prior, g  # this task's graph goes before the next task's forward pass
-        if keep is not None:
-            points = [merged] + ([{}] if self.preserve.at == "both" and merged else [])
-            total = 0.0
-            for j, at in enumerate(points):
-                loss = self.preserve_loss(at, keep)
-                g = torch.autograd.grad(-self.preserve.weight * loss, wrt, materialize_grads=True,
-                                        retain_graph=j < len(points) - 1)
-                grads = [a + b for a, b in zip(grads, g)]
-                total += float(loss.detach())
-            if stats is not None:
-                stats.preserve_loss = total / len(points)
+        held = [t.grad if t.is_leaf else None for t in wrt]  # the sum goes into .grad (added in place), then back
+        for t in wrt:
+            t.grad = None
+        try:
+            for i, task in enumerate(tasks):
+                inst, prior = self.losses(merged, task.upper)
+                torch.autograd.backward(ascended(inst, self.ascent, self.ascent_cap) - self.prior_weight * prior,
+                                        inputs=wrt, retain_graph=retain or i < len(tasks) - 1 or keep is not None)
+                outer += float(inst.detach())
+                prior_sum += float(prior.detach())
+                del inst, prior  # this task's graph goes before the next task's forward pass
+            if keep is not None:
+                points = [merged] + ([{}] if self.preserve.at == "both" and merged else [])
+                total = 0.0
+                for j, at in enumerate(points):
+                    loss = self.preserve_loss(at, keep)
+                    torch.autograd.backward(-self.preserve.weight * loss, inputs=wrt,
+                                            retain_graph=retain or j < len(points) - 1)
+                    total += float(loss.detach())
+                if stats is not None:
+                    stats.preserve_loss = total / len(points)
+            grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in wrt]
+        finally:
+            for t, g in zip(wrt, held):
+                t.grad = g
         return grads, outer, prior_sum
 
     def meta_gradient(self, tasks: Sequence[Task], split: Split | None = None, keep: Batch | None = None
@@ -283,7 +293,12 @@ class BiLevel:
                             ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """``fd`` and ``first-order`` without a graph through the inner steps, holding one running sum for the
         averaged ``S^l`` parameters instead of N adapted copies (their gradient is the same for every task,
-        ``dJ/dmean / N``) and N copies of the k/v weights only: memory ~ 3 |S^l| + N |k/v| instead of 2N |S^l|."""
+        ``dJ/dmean / N``) and N copies of the k/v weights only. The upper passes take the gradient at the merged k/v
+        (one per layer, whatever N) and one backward pass through the merge alone hands it to the N copies, so what
+        grows with N is the copies and their gradients: 2 |k/v| per concept (``fd_scheme = "forward"`` also keeps
+        each task's ``grad_{S^u} L_n(theta)``). The inner gradients become the adapted weights in place, the
+        averaged weights are freed before the Hessian-vector products: the peak, parameters included, is about
+        3 |S^l| + 2N |k/v| + one task's activations (with ``S^l`` the whole UNet; benchmarks/README.md)."""
         stats = StepStats()
         n = len(tasks)
         kv = self._kv_names()
@@ -304,19 +319,26 @@ class BiLevel:
         mean = {k: v.div_(n).requires_grad_(True) for k, v in sums.items()}
         del sums
         merged, stats.merge_residual = dict(mean), 0.0
+        merged_kv = {}
         if kv:
             anchor = self.anchor if self.anchor is not None else {k: self.params[k] for k in kv}
             merged_kv, stats.merge_residual = self.merge_fn.merge_kv(anchor, copies)
             merged.update(merged_kv)
         upper = [self.params[k] for k in self.upper]
-        leaves = list(mean.values()) + [v for c in copies for v in c.values()]
-        grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(merged, tasks, upper + leaves, keep, stats)
+        grads, stats.outer_loss, stats.prior_loss = self._upper_gradient(
+            merged, tasks, upper + list(mean.values()) + list(merged_kv.values()), keep, stats, retain=bool(kv))
         out = dict(zip(self.upper, grads))
-        shared = {k: g / n for k, g in zip(mean, grads[len(upper): len(upper) + len(mean)])}  # dJ/dtheta'_n, every n
-        i = len(upper) + len(mean)
-        for task, c, g0 in zip(tasks, copies, at_theta):
+        shared = {k: g.div_(n) for k, g in zip(mean, grads[len(upper): len(upper) + len(mean)])}  # dJ/dtheta'_n
+        at_merged = grads[len(upper) + len(mean):]
+        del merged, mean, grads
+        flat = [v for c in copies for v in c.values()]
+        through = torch.autograd.grad(list(merged_kv.values()), flat, at_merged, materialize_grads=True) if kv else []
+        names = [list(c) for c in copies]
+        del merged_kv, at_merged, copies, flat  # the copies' gradients are all the Hessian-vector products need
+        i = 0
+        for task, c, g0 in zip(tasks, names, at_theta):
             u = dict(shared)
-            u.update(zip(c, grads[i: i + len(c)]))
+            u.update(zip(c, through[i: i + len(c)]))
             i += len(c)
             for k, g in self._through_inner_step(task, u, g0).items():
                 out[k] = out[k] + g
@@ -455,6 +477,20 @@ class BiLevel:
         if at_theta is not None:
             return {k: (gp - at_theta[k]) / eps for k, gp in zip(self.upper, sides[0])}
         return {k: (gp - gm) / (2 * eps) for k, gp, gm in zip(self.upper, *sides)}
+
+
+def _own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors``, each with its own storage (a clone where autograd handed one tensor to several inputs, e.g. the
+    two sides of a sum), so that each can be updated in place."""
+    seen, out = set(), []
+    for t in tensors:
+        if t is None:
+            out.append(t)
+            continue
+        key = t.untyped_storage().data_ptr()
+        out.append(t.clone() if key in seen else t)
+        seen.add(key)
+    return out
 
 
 class Merge:
