@@ -35,11 +35,10 @@ SD2_UNET = dict(SD1_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 2
 TEXT = {"sd1": (77, 768), "sd2": (77, 1024)}
 STEP_GIB = {"fine-tune": (17.8, 0.0), "exact": (13.1, 38.0), "fd": (41.7, 16.0), "first-order": (41.5, 13.0)}
 """Peak GiB of one step at SD 1.x shapes as ``(base, per concept)``: the line through the measurements at N = 2 and 3
-(one H200, batch 2 per concept at 64x64 latents, bf16 autocast; table in benchmarks/README.md). They were measured
-while the upper level still ran every concept's batch at once; it now runs one at a time, so for fd and first-order
-the per-concept slope is an upper bound until re-measured. ``run`` skips the exact rows predicted above 90% of the
-card instead of running them. The memory model measured on the CPU since (:func:`memory_model`, benchmarks/README.md)
-predicts at most ~15 GiB for fd and first-order at N = 3 and 10 with the lean step; a GPU measurement replaces these."""
+(one H200, batch 2 per concept at 64x64 latents, bf16 autocast; table in benchmarks/README.md), with every concept's
+upper batch run at once. The step runs them one at a time, so for fd and first-order the per-concept slope is an
+upper bound; the CPU memory model (:func:`memory_model`, benchmarks/README.md) predicts at most ~15 GiB for fd and
+first-order at N = 3 and 10. ``run`` skips the exact rows predicted above 90% of the card instead of running them."""
 
 
 def predicted_gib(mode: str, n: int) -> float:

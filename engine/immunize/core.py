@@ -231,8 +231,8 @@ class BiLevel:
         """``dJ/d wrt`` with ``J = sum_n A(L_n(merged))`` (each task's instance loss, through :func:`ascended`,
         minus ``prior_weight`` times its prior loss, on its upper batch) minus the preservation term on ``keep``
         (when set), and the summed instance and prior losses. One task's forward pass at a time, the merge's graph
-        kept between them: the activations of one task are held, not N (on an H200 at SD v1.4 shapes each concept's
-        batch added ~16 GiB when they ran together). The sum is accumulated in place, in ``.grad`` (each pass's gradient
+        kept between them: the activations of one task are held, not N (at SD v1.4 shapes on an H200 one concept's
+        batch holds ~16 GiB of them, benchmarks/README.md). The sum is accumulated in place, in ``.grad`` (each pass's gradient
         of a tensor is freed once added; ``wrt``'s own ``.grad`` are put back after). ``retain``: keep the graph
         upstream of ``merged`` (the merge's) for a backward pass after this one."""
         outer, prior_sum = 0.0, 0.0

@@ -178,17 +178,18 @@ class Utility:
     base: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def role_mean(self, model: str, role: str, metric: str | None = None) -> float | None:
+    def role_scores(self, model: str, role: str, metric: str | None = None) -> dict[str, float | None]:
+        """Prompt name -> ``model``'s ``metric`` (default: the primary) score, for the prompts of ``role``."""
         metric = metric or self.primary
         per = self.scores.get(model, {})
-        return _mean([per.get(p.name, {}).get(metric) for p in self.prompts if p.role == role])
+        return {p.name: per.get(p.name, {}).get(metric) for p in self.prompts if p.role == role}
+
+    def role_mean(self, model: str, role: str, metric: str | None = None) -> float | None:
+        return _mean(list(self.role_scores(model, role, metric).values()))
 
     def role_worst(self, model: str, role: str, metric: str | None = None) -> tuple[str, float] | None:
         """The prompt of ``role`` with the lowest score and that score (None when none is scored)."""
-        metric = metric or self.primary
-        per = self.scores.get(model, {})
-        scored = [(p.name, per.get(p.name, {}).get(metric)) for p in self.prompts if p.role == role]
-        scored = [(n, v) for n, v in scored if v is not None]
+        scored = [(n, v) for n, v in self.role_scores(model, role, metric).items() if v is not None]
         return min(scored, key=lambda nv: nv[1]) if scored else None
 
     def concept_score(self, model: str, name: str, metric: str | None = None) -> float | None:
