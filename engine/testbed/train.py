@@ -77,6 +77,8 @@ class _StageState:
 
 
 def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor`` of the peak (diffusers' ``get_scheduler("cosine")`` decays to 0;
+    the floor is the testbed's trained recipe), as a multiplier of the peak learning rate."""
     if step < warmup:
         return (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
@@ -270,32 +272,13 @@ def stage_text(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
         state.stepped(step, cfg.text_steps)
 
 
-class _EMA:
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params = params
-        self.shadow = [p.detach().clone() for p in params]
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    def state_dict(self) -> list[torch.Tensor]:
-        return self.shadow
-
-    @torch.no_grad()
-    def load_state_dict(self, shadow: list[torch.Tensor]) -> None:
-        for s, v in zip(self.shadow, shadow):
-            s.copy_(v)
-
-
 def _snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023): ``min(SNR, gamma) / SNR``; 1 if gamma=0."""
+    from diffusers.training_utils import compute_snr
+
     if not gamma:
         return torch.ones(t.shape)
-    ac = sched.alphas_cumprod[t]
-    snr = ac / (1 - ac)
+    snr = compute_snr(sched, t)
     return torch.clamp(snr, max=gamma) / snr
 
 
@@ -312,6 +295,7 @@ def _mix_weights(labels: np.ndarray, mix: tuple[float, ...]) -> torch.Tensor:
 def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, device: str = "cpu",
                eval_every: int = 1000) -> None:
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     data = _data(out, "prompts", "labels")
     lat_ck = _load(out / "latents.pt")
@@ -332,7 +316,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
     unet = (_init_part(cfg, "unet") if cfg.init_from else make_unet(cfg)).to(device)  # a checkpoint overrides it
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    ema = _EMA(params, cfg.ema_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay)
     sched = DDPMScheduler(**NOISE_SCHEDULE)
     state = _StageState(out / "unet.ckpt", cfg.checkpoint_minutes, unet=unet, opt=opt, ema=ema)
     unet.train()
@@ -356,7 +340,7 @@ def stage_unet(out: Path, cfg: TestbedConfig, seed: int, progress: Progress, dev
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema.update(step)
+        ema.step(params)
         info = {"loss": float(loss.detach())}
         if eval_every and (step + 1) % eval_every == 0 and (out / "judge.safetensors").exists():
             state.save(step + 1)
@@ -373,7 +357,7 @@ def export_pipeline(out: Path, cfg: TestbedConfig, folder: Path, dtype=torch.flo
     unet, text = make_unet(cfg), _trained_text(out, cfg)
     unet.load_state_dict(ck["unet"])
     with torch.no_grad():
-        for p, s in zip(unet.parameters(), ck["ema"]):
+        for p, s in zip(unet.parameters(), ck["ema"]["shadow_params"]):
             p.copy_(s)
     vae = _trained_vae(out, cfg)
     vae.register_to_config(scaling_factor=float(_load(out / "latents.pt")["scaling_factor"]))
