@@ -14,7 +14,7 @@ from test_immunize_core import ALPHA, W_PRIOR, problem, scheduler
 
 from engine.editing import merge_projector
 from engine.immunize.core import BiLevel, make_merge_fn
-from engine.immunize.distributed import Split
+from engine.immunize.distributed import Split, current_split
 
 MODES = ("exact", "fd", "first-order", "alternating")
 
@@ -31,10 +31,13 @@ def _meta(mode: str, n: int, split: Split | None):
 
 
 def _worker(rank: int, world: int, port: int, n: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a launcher's environment: the split comes from accelerate's state, as in a launched run
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    split = current_split(cpu=True)
+    assert split == Split(rank, world)
     try:
-        results = {m: _meta(m, n, Split(rank, world)) for m in MODES}
+        results = {m: _meta(m, n, split) for m in MODES}
         torch.save({m: (g, vars(s)) for m, (g, s) in results.items()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Concepts split across processes: ``accelerate launch -m mima_cli immunize ...`` on GPUs, ``torchrun
---nproc_per_node 2 -m mima_cli immunize ...`` on CPUs (any ``torch.distributed`` launch).
+--nproc_per_node 2 -m mima_cli immunize ...`` on CPUs (any ``torch.distributed`` launch). Accelerate's ``PartialState`` holds the process group and its collectives move the
+messages.
 
 Process ``r`` of ``W`` adapts the tasks ``r, r + W, ...`` of every outer step (:meth:`Split.mine`); every process
 draws all tasks' batches (they are seeded), so no data moves. One outer step then exchanges:
@@ -44,34 +45,30 @@ class Split:
 
     def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
         """Overwrite ``tensors`` with process ``src``'s values (one flat message)."""
-        import torch.distributed as dist
+        from accelerate.utils import broadcast
 
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.broadcast(flat, src)
-        _unflatten_into(flat, tensors)
+        _unflatten_into(broadcast(flat, from_process=src), tensors)
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """Replace ``tensors`` by their sums over the processes (one flat message per dtype)."""
-        import torch.distributed as dist
+        from accelerate.utils import reduce
 
         for dtype in {t.dtype for t in tensors}:
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat)
-            _unflatten_into(flat, group)
+            _unflatten_into(reduce(flat, reduction="sum"), group)
 
     def gather(self, obj):
         """Every process's ``obj``, in rank order."""
-        import torch.distributed as dist
+        from accelerate.utils import gather_object
 
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_object([obj])
 
     def barrier(self) -> None:
-        import torch.distributed as dist
+        from accelerate import PartialState
 
-        dist.barrier()
+        PartialState().wait_for_everyone()
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -93,13 +90,10 @@ def current_split(cpu: bool) -> Split | None:
     (NCCL on GPUs; gloo where ``cpu``) if the launcher has not; ``None`` in a single process."""
     if launched_world() <= 1:
         return None
-    import torch.distributed as dist
+    from accelerate import PartialState
 
-    if not dist.is_initialized():
-        from accelerate import PartialState
-
-        PartialState(cpu=cpu)
-    return Split(dist.get_rank(), dist.get_world_size())
+    state = PartialState(cpu=cpu)
+    return Split(state.process_index, state.num_processes)
 
 
 def process_device(device: torch.device) -> torch.device:
