@@ -221,8 +221,8 @@ def test_build_continues_from_a_pipeline(tmp_path):
 
 
 def test_interrupted_stage_keeps_its_time(tmp_path, monkeypatch):
-    """A stage cut short (Ctrl-C, the end of a session) still has its time in timings.json, and a resumed build
-    adds to it, so the build time reported for a build spread over several sessions is the whole of it."""
+    """A stage cut short (Ctrl-C, a killed job) still has its time in timings.json, and a resumed build adds to it,
+    so the build time reported for a build resumed several times is the whole of it."""
     from engine.testbed import train
 
     monkeypatch.setattr(train, "TIMINGS_EVERY_S", 0.0)
