@@ -204,3 +204,34 @@ def test_ctrl_c_names_the_resume_command(tmp_path, tiny_profile, tiny_pipeline_d
     assert imm["state"] == "interrupted"
     assert f"resume with: mima --runs-dir '{runs}' immunize --resume {imm['id']}" in res.output
     assert "checkpoint holds step 1" in res.output
+
+
+def test_memory_switches_give_the_same_weights(tmp_path, tiny_profile, tiny_pipeline_dir):
+    """``gradient_checkpointing`` and a fused or one-tensor-at-a-time AdamW change how the step runs, not what it
+    computes: two outer steps end at the default run's weights (to float32 rounding)."""
+    from engine.immunize.runner import immunize
+    from engine.models import load_pipeline
+    from engine.profile import load_profile
+
+    base = ["immunize.steps=2", "immunize.checkpoint_every=2", "immunize.sample_every=0", "utility.enabled=false"]
+    weights = []
+    for extra in ([], ["immunize.gradient_checkpointing=true", "immunize.adam=\"fused\""],
+                  ["immunize.adam=\"for-loop\""]):
+        runs = tmp_path / f"runs{len(weights)}"
+        immunize(load_profile(tiny_profile, base + extra), runs_dir=runs, group="g2", parent=str(tiny_pipeline_dir))
+        (imm,) = _runs(runs, "immunize")
+        (tensors,) = _checkpoint_tensors(runs / imm["id"])
+        weights.append(tensors)
+    assert weights[0].keys() == weights[1].keys() == weights[2].keys()
+    start = dict(load_pipeline(tiny_pipeline_dir).unet.named_parameters())
+    for other in weights[1:]:
+        for k, v in weights[0].items():
+            torch.testing.assert_close(other[k], v, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(v, start[k]) for k, v in weights[0].items())  # the steps moved the weights
+
+
+def test_gradient_checkpointing_with_the_exact_gradient_names_the_field(tiny_profile):
+    from engine.profile import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match="gradient_checkpointing"):
+        load_profile(tiny_profile, ["immunize.gradient_checkpointing=true", "immunize.gradient=\"exact\""])

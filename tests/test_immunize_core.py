@@ -306,3 +306,27 @@ def test_parameter_copies_grow_with_n_by_the_kv_only(mode):
         assert four - two > 10 * bound, (two, four, kv)
     else:
         assert four - two <= bound, (two, four, kv)
+
+
+@pytest.mark.parametrize("mode", ["fd", "first-order"])
+def test_gradient_checkpointing_gives_the_same_gradient_and_keeps_less_for_backward(mode):
+    """Checkpointing recomputes each UNet call (with its overrides) in the backward pass: the same meta-gradient to
+    rounding, and far fewer tensors held between a forward and its backward."""
+    out = {}
+    for checkpointing in (False, True):
+        unet, lower, upper, kv, rows, reg, tasks = problem(2)
+        core = BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, mode, 1e-4,
+                       make_merge_fn(merge_projector(rows, reg, ridge=0.01), kv), checkpointing=checkpointing)
+        meter = _LiveSaved()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            grads, stats = core.meta_gradient(tasks)
+        out[checkpointing] = torch.cat([grads[k].flatten() for k in upper]), stats.outer_loss, meter.peak
+    (g0, loss0, peak0), (g1, loss1, peak1) = out[False], out[True]
+    assert _rel(g1, g0) < 1e-10 and loss1 == pytest.approx(loss0, rel=1e-12)
+    assert peak1 < 0.5 * peak0, (peak1, peak0)
+
+
+def test_gradient_checkpointing_is_refused_with_the_exact_gradient():
+    unet, lower, upper, *_ = problem(1)
+    with pytest.raises(ValueError, match="checkpointing"):
+        BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, "exact", checkpointing=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from ..diffusion import noise_loss
 from .distributed import Split
@@ -147,7 +148,8 @@ class BiLevel:
                  gradient: str = "fd", fd_eps: float = 1e-3,
                  merge_fn: Callable[[dict, list[dict]], tuple[dict, float]] | None = None,
                  anchor: dict[str, torch.Tensor] | None = None, fd_scheme: str = "central",
-                 preserve: Preserve | None = None, ascent: str = "loss", ascent_cap: float = 1.0):
+                 preserve: Preserve | None = None, ascent: str = "loss", ascent_cap: float = 1.0,
+                 checkpointing: bool = False):
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {', '.join(GRADIENT_MODES)}")
         if fd_scheme not in FD_SCHEMES:
@@ -159,6 +161,10 @@ class BiLevel:
         self.gradient, self.fd_eps, self.fd_scheme = gradient, fd_eps, fd_scheme
         self.merge_fn, self.anchor = merge_fn, anchor
         self.preserve, self.ascent, self.ascent_cap = preserve, ascent, ascent_cap
+        if checkpointing and gradient == "exact":
+            raise ValueError("gradient checkpointing needs the fd or first-order gradient (exact differentiates the "
+                             "backward pass)")
+        self.checkpointing = checkpointing
         ascended(torch.ones(()), ascent, ascent_cap)  # an unknown ascent fails here, not at the first step
 
     # -------------------------------------------------------------------------------------------- losses
@@ -167,7 +173,7 @@ class BiLevel:
         """(instance loss, prior loss) of ``batch`` with ``overrides`` replacing module parameters."""
 
         def fn(x, t, c):
-            return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
+            return self._unet(overrides, x, t, c)
 
         per = noise_loss(fn, self.scheduler, batch.latents, batch.context, batch.noise, batch.timesteps, "none")
         k = batch.n_instance
@@ -175,10 +181,23 @@ class BiLevel:
         prior = per[k:].mean() if per.shape[0] > k else per.new_zeros(())
         return inst, prior
 
+    def _unet(self, overrides: dict, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction with ``overrides`` in place of its parameters. With checkpointing the whole
+        call is recomputed in the backward pass from its inputs, the overrides among them (a block-wise
+        ``enable_gradient_checkpointing`` would recompute with the module's own weights, not the overrides)."""
+        if not (self.checkpointing and torch.is_grad_enabled()):
+            return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
+        names = list(overrides)
+
+        def run(x, t, c, *values):
+            return functional_call(self.unet, dict(zip(names, values)), (x, t), {"encoder_hidden_states": c},
+                                   strict=False).sample
+
+        return checkpoint(run, x, t, c, *overrides.values(), use_reentrant=False)
+
     def _call(self, overrides: dict, batch: Batch) -> torch.Tensor:
         xt = self.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        return functional_call(self.unet, overrides, (xt, batch.timesteps), {"encoder_hidden_states": batch.context},
-                               strict=False).sample
+        return self._unet(overrides, xt, batch.timesteps, batch.context)
 
     def preserve_loss(self, overrides: dict, keep: Batch) -> torch.Tensor:
         """Mean squared distance of the predictions on ``keep`` to the parent's (see :class:`Preserve`)."""

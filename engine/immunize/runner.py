@@ -187,7 +187,7 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
         subspace = Subspace(basis, {k: params[k].detach().clone() for k in names})
     keep = keep if s.preserve_weight > 0 else None
     bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, gradient, s.fd_eps,
-                      merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap)
+                      merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap, s.gradient_checkpointing)
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep, subspace=subspace)
 
 
@@ -291,8 +291,9 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
 def make_optimizer(setup: Setup, profile: Profile):
     params = dict(setup.pipe.unet.named_parameters())
     s = profile.immunize
+    impl = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[s.adam]
     return torch.optim.AdamW([params[k] for k in setup.upper], lr=s.outer_lr, weight_decay=s.weight_decay,
-                             maximize=True)
+                             maximize=True, **impl)
 
 
 class _DeferredInterrupt:

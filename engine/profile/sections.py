@@ -143,8 +143,14 @@ class ImmunizeSection(_Strict):
     fd_scheme: Literal["central", "forward"] = "central"
     """``central``: two extra passes per concept, error O(eps^2); ``forward``: one, error O(eps) (the gradient at
     theta comes with the inner step's backward pass)."""
+    gradient_checkpointing: bool = False
+    """Recompute each UNet forward in the backward pass instead of keeping its activations: less memory for one more
+    forward per backward. ``fd`` and ``first-order`` only (``exact`` needs the activations for its double backward)."""
     merge: MergeSettings = Field(default_factory=MergeSettings)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    adam: Literal["auto", "foreach", "fused", "for-loop"] = "auto"
+    """The upper AdamW's implementation: PyTorch's choice (``auto``: foreach on a GPU), one kernel per parameter
+    group (``fused``), or one tensor at a time (``for-loop``). The same update up to rounding."""
     sample_every: int = Field(default=100, ge=0)
     """Log sample images every N steps (0 = never)."""
     checkpoint_every: int = Field(default=0, ge=0)
@@ -187,6 +193,13 @@ class ImmunizeSection(_Strict):
         if isinstance(data, dict) and data.get("preset") in IMMUNIZE_PRESETS:
             data = {**IMMUNIZE_PRESETS[data["preset"]], **data}
         return data
+
+    @model_validator(mode="after")
+    def _checkpointing_needs_first_order_graphs(self) -> "ImmunizeSection":
+        if self.gradient_checkpointing and self.gradient == "exact":
+            raise ValueError("gradient_checkpointing needs gradient = \"fd\" or \"first-order\" (exact "
+                             "differentiates the backward pass itself)")
+        return self
 
     @field_validator("imma_adaptation")
     @classmethod
