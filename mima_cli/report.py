@@ -27,14 +27,18 @@ def _value(kind: str, v) -> str:
     return ("—" if v is None else f"{v:.0%}") if kind == "learn" else _num(v)
 
 
+def _success(kind: str, v) -> str:
+    return f" ({v:.2f})" if kind == "immune" else f" ({v:.0%})"
+
+
 def _cell_text(cell, kind: str) -> Text:
     text = Text(_value(kind, cell.value), style="bold" if cell.value is not None else "dim")
     if cell.note and cell.value is not None:
         text.append("*", style="yellow")
     if cell.collapsed:
         text.append(COLLAPSED, style="bold red")
-    if kind in ("msgr", "learn") and cell.success is not None:
-        text.append(f" ({cell.success:.0%})", style="dim")
+    if kind in ("msgr", "learn", "immune") and cell.success is not None:
+        text.append(_success(kind, cell.success), style="dim")
     return text
 
 
@@ -126,6 +130,11 @@ def _rich_table(t, threshold: float | None = None) -> Table:
     elif t.kind == "learn":
         table.caption = ("the other concepts' judge accuracy after the same attack on the immunized model (on the "
                          "unimmunized twin): immunization should leave them learnable")
+    elif t.kind == "immune":
+        from engine.report.tables import IMMUNE_TWIN_MIN
+
+        table.caption = (f"the targets' judge accuracy after the attack on the immunized model (on the unimmunized "
+                         f"twin); the average counts the groups where the twin reaches {IMMUNE_TWIN_MIN:.2f}")
     elif any(r.method == "none" for r in t.rows):
         table.caption = NONE_MRSGR
     if any(c.collapsed for r in t.rows for c in r.cells.values()):

@@ -37,7 +37,9 @@ def test_json_numbers_are_the_logged_events(built):
             assert p["msgr"][m] == events[(f"msgr/{m}", 2)]
             assert p["mrsgr"][m] == events[(f"mrsgr/{m}", 2)]
         assert p["success"]["judge-acc"] == events[("success/judge-acc", 2)]
-    msgr, mrsgr, learn = out["tables"]
+    msgr, mrsgr, immune, learn = out["tables"]
+    assert immune["kind"] == "immune" and [(r["method"], r["metric"]) for r in immune["rows"]] == [
+        ("mima", "judge-acc"), ("jt", "judge-acc")]
     assert (msgr["kind"], mrsgr["kind"], msgr["family"], msgr["groups"]) == ("msgr", "mrsgr", "re-learning", ["g2"])
     assert learn["kind"] == "learn" and [(r["method"], r["metric"]) for r in learn["rows"]] == [
         ("mima", "judge-acc"), ("jt", "judge-acc")]
@@ -68,10 +70,10 @@ def test_rich_tables_csv_and_markdown(built):
                   "x^A (unimmunized)", "attack step"):
         assert piece in text, piece
     rows = list(csv.DictReader(io.StringIO(invoke("--runs-dir", built["runs"], "report", "--csv").stdout)))
-    # (msgr, mrsgr) x (2 methods x 2 metrics) x (g2, average) + learn (2 methods x judge-acc) x 2
+    # (msgr, mrsgr) x (2 methods x 2 metrics) x (g2, average) + (immune, learn) x (2 methods x judge-acc) x 2
     # + utility (base, parent, mima, jt) x 2
-    assert len(rows) == 2 * 4 * 2 + 2 * 2 + 4 * 2
-    assert {r["table"] for r in rows} == {"msgr", "mrsgr", "learn", "utility"}
+    assert len(rows) == 2 * 4 * 2 + 2 * 2 * 2 + 4 * 2
+    assert {r["table"] for r in rows} == {"msgr", "mrsgr", "immune", "learn", "utility"}
     js = json.loads(invoke("--runs-dir", built["runs"], "report", "--json").stdout)
     cell = js["tables"][0]["rows"][0]["cells"]["g2"]
     (row,) = [r for r in rows if (r["table"], r["method"], r["metric"], r["group"]) == ("msgr", "mima", "judge", "g2")]
@@ -170,3 +172,32 @@ def test_personalization_is_averaged_over_attacks_and_groups_ordered_by_size():
     assert list(jt.cells) == ["g2-1"] and jt.cells["g2-1"].value == 5.0 and jt.cells["g2-1"].success is None
     mrsgr = report.tables[1]
     assert mrsgr.kind == "mrsgr" and next(r for r in mrsgr.rows if r.method == "mima").cells["g3-1"].value == 10.0
+
+
+def _attacked(run, group, target_acc, twin_acc, step=80):
+    p = _pair(run, "mima", "lora", group, 2, 50.0, twin_acc, step=step, profile="styles")
+    p.targets = ["a", "b"]
+    p.msgr[step]["judge-acc"] = {"value": 50.0, "note": None, "source": run}
+    p.sims["judge-acc"] = {"T": {step: {"a": target_acc[0], "b": target_acc[1]}},
+                           "A": {step: {"a": twin_acc, "b": twin_acc}}}
+    return p
+
+
+def test_immunity_table_averages_the_groups_the_attack_teaches_the_twin():
+    """The targets' accuracy after the attack, beside the twin's; a group whose twin the attack does not teach (0.5 <
+    0.70) is shown but left out of the average, since a low accuracy there says nothing about immunity."""
+    report = build_report([_attacked("1", "g2-1", (0.0, 0.5), 1.0), _attacked("2", "g2-2", (0.25, 0.25), 0.75),
+                           _attacked("3", "g2-3", (1.0, 1.0), 0.5)])
+    (immune,) = [t for t in report.tables if t.kind == "immune"]
+    assert immune.title == "Immunity: the targets' accuracy after the attack, immunized (unimmunized twin) — styles — re-learning (lora)"
+    (row,) = immune.rows
+    assert row.metric == "judge-acc"
+    assert (row.cells["g2-1"].value, row.cells["g2-1"].success) == (0.25, 1.0)
+    assert (row.cells["g2-3"].value, row.cells["g2-3"].success) == (1.0, 0.5)
+    assert row.average.value == pytest.approx(0.25) and row.average.success == pytest.approx(0.875)
+    assert row.average.note == "mean of the 2 of 3 groups where the twin reaches 0.70"
+    # a missing target accuracy leaves the cell undefined, not averaged over the rest
+    partial = _attacked("4", "g2-1", (0.0, 0.5), 1.0)
+    del partial.sims["judge-acc"]["T"][80]["b"]
+    (row,) = next(t for t in build_report([partial]).tables if t.kind == "immune").rows
+    assert row.cells["g2-1"].value is None and row.cells["g2-1"].note == "no targets attacked (or no accuracy metric)"

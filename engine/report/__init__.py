@@ -20,7 +20,9 @@ Beside them, per profile, a *utility* table (:class:`UtilityTable`, from each im
 measurement, :mod:`engine.metrics.utility`): rows base, parent and each method, cells the primary utility of the
 targets and of the other concepts without attack. A method whose model is collapsed in a group has ``collapsed`` set
 on its cells of every table, so no number of a model that no longer draws reads as immunization. A *learnability*
-table (kind ``learn``) shows the other concepts' attack success on the immunized model beside the twin's.
+table (kind ``learn``) shows the other concepts' attack success on the immunized model beside the twin's, and an
+*immunity* table (kind ``immune``) the targets' accuracy after the attack beside the twin's; its average counts only
+the groups where the attack teaches the twin (``IMMUNE_TWIN_MIN``).
 
 Reported step: ``step`` if given, else the last attack step each pair has MSGR events for.
 

@@ -92,6 +92,14 @@ class PairSummary:
             out.append(sum(values) / len(values) if values and all(_finite(v) for v in values) else None)
         return out[0], out[1]
 
+    def attacked_targets(self, metric: str, step: int | None) -> tuple[float | None, float | None]:
+        """Mean ``metric`` accuracy over the targets after the attack at ``step``: (immunized model x^T, twin x^A)."""
+        out = []
+        for side in ("T", "A"):
+            values = [self.sims.get(metric, {}).get(side, {}).get(step, {}).get(c) for c in self.targets]
+            out.append(sum(values) / len(values) if values and all(_finite(v) for v in values) else None)
+        return out[0], out[1]
+
     def curve(self, metric: str, side: str) -> dict[int, float]:
         """Mean over the targets of ``sims[metric][side]`` at every step where all targets have a value."""
         out = {}
