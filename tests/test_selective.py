@@ -220,3 +220,42 @@ def test_an_unknown_preset_names_the_field(tiny_profile):
 
     with pytest.raises(ProfileError, match="immunize.preset"):
         load_profile(tiny_profile, ["immunize.preset=\"strong\""])
+
+
+def _changed_weights(tiny_profile, runs, extra):
+    from safetensors.torch import load_file
+
+    from engine.immunize.runner import immunize
+    from engine.profile import load_profile
+
+    p = load_profile(tiny_profile, ["immunize.steps=2", "utility.enabled=false", "erase.method=\"none\"",
+                                    "immunize.inner_lr=1e-3", *extra])
+    run = immunize(p, runs_dir=runs, group="g2", method="mima", profile_name="tiny")
+    return run, load_file(next((run / "checkpoints").glob("step-*")) / "unet_changed.safetensors")
+
+
+def test_sampled_inner_lr_is_drawn_per_step_and_used(tiny_profile, tmp_path):
+    """``inner_lr_max``: each outer step draws α log-uniformly from [inner_lr, inner_lr_max], a pure function of
+    (seed, step); the step uses the drawn α (a one-point range is the fixed α, bit for bit; a wide range changes the
+    weights) and the run logs it."""
+    from engine.immunize.runner import inner_lr_at
+    from engine.profile import ProfileError, load_profile
+    from engine.runs import RunReader
+
+    s = load_profile(tiny_profile, ["immunize.inner_lr=1e-3", "immunize.inner_lr_max=1e-1"]).immunize
+    draws = [inner_lr_at(s, 0, k) for k in range(1, 41)]
+    assert all(1e-3 <= a <= 1e-1 for a in draws) and len(set(draws)) == 40
+    assert draws == [inner_lr_at(s, 0, k) for k in range(1, 41)]  # a resumed run draws the same
+    assert 0.25 < sum(a < 1e-2 for a in draws) / 40 < 0.75  # log-uniform: half below the geometric mean
+    assert inner_lr_at(load_profile(tiny_profile, ["immunize.inner_lr=1e-3"]).immunize, 0, 7) == 1e-3
+
+    _, fixed = _changed_weights(tiny_profile, tmp_path / "fixed", [])
+    _, point = _changed_weights(tiny_profile, tmp_path / "point", ["immunize.inner_lr_max=1e-3"])
+    run, wide = _changed_weights(tiny_profile, tmp_path / "wide", ["immunize.inner_lr_max=1e-1"])
+    assert all(torch.equal(fixed[k], point[k]) for k in fixed)
+    assert any(not torch.allclose(fixed[k], wide[k]) for k in fixed)
+    logged = {e["step"]: e["value"] for e in RunReader(run).events("scalar") if e["name"] == "inner_lr"}
+    assert logged == pytest.approx({1: draws[0], 2: draws[1]})
+
+    with pytest.raises(ProfileError, match="inner_lr_max"):
+        load_profile(tiny_profile, ["immunize.inner_lr=1e-3", "immunize.inner_lr_max=1e-4"])

@@ -10,6 +10,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,9 +192,20 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep, subspace=subspace)
 
 
+def inner_lr_at(s, seed: int, step: int) -> float:
+    """α of outer step ``step``: ``s.inner_lr``, or a log-uniform draw from ``[inner_lr, inner_lr_max]`` that depends
+    on ``(seed, step)`` only."""
+    if s.inner_lr_max is None:
+        return s.inner_lr
+    u = float(torch.rand((), generator=seeded_generator(seed, step, "inner_lr"), dtype=torch.float64))
+    lo, hi = math.log(s.inner_lr), math.log(s.inner_lr_max)
+    return math.exp(lo + u * (hi - lo))
+
+
 def outer_step(setup: Setup, opt, profile: Profile, step: int) -> StepStats:
     """One outer step: the meta-gradient (or the alternating scheme's gradient), then the ascent step."""
     s = profile.immunize
+    setup.bilevel.inner_lr = inner_lr_at(s, profile.model.seed, step)
     tasks = make_tasks(setup.spec, setup.concepts, s.batch, profile.model.seed, step, s.inner_steps)
     keep = (setup.keep.draw(s.preserve_batch, seeded_generator(profile.model.seed, step, "preserve", "upper"))
             if setup.keep is not None else None)
@@ -260,6 +272,8 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
                 logger.log_scalar("preserve_loss", stats.preserve_loss, step)
             logger.log_scalar("merge_residual", stats.merge_residual, step)
             logger.log_scalar("grad_norm", stats.grad_norm, step)
+            if s.inner_lr_max is not None:
+                logger.log_scalar("inner_lr", setup.bilevel.inner_lr, step)
             logger.log_scalar("step_seconds", time.perf_counter() - t0, step)
             if dev.type == "cuda":
                 logger.log_scalar("peak_memory_mb", torch.cuda.max_memory_allocated(dev) / 2**20, step)

@@ -126,6 +126,10 @@ class ImmunizeSection(_Strict):
     """α: learning rate of the one-step lower-level adaptation."""
     outer_lr: float = Field(default=3e-5, gt=0.0)
     """β: learning rate of the upper-level ascent (AdamW)."""
+    inner_lr_max: float | None = Field(default=None, gt=0.0)
+    """None: α is ``inner_lr`` at every step. Else each outer step draws α log-uniformly from
+    ``[inner_lr, inner_lr_max]`` (seeded by the step, so a resumed run draws the same), so the upper level meets
+    simulated attackers of several strengths, as TAR samples its attacker's learning rate."""
     inner_steps: int = Field(default=1, ge=1)
     """Inner SGD steps of the simulated attacker on each task (one fresh batch each); more than one needs
     ``gradient = "first-order"`` (nothing is carried back through steps 2..K)."""
@@ -193,6 +197,13 @@ class ImmunizeSection(_Strict):
         if isinstance(data, dict) and data.get("preset") in IMMUNIZE_PRESETS:
             data = {**IMMUNIZE_PRESETS[data["preset"]], **data}
         return data
+
+    @model_validator(mode="after")
+    def _inner_lr_range(self) -> "ImmunizeSection":
+        if self.inner_lr_max is not None and self.inner_lr_max < self.inner_lr:
+            raise ValueError(f"inner_lr_max ({self.inner_lr_max:g}) is below inner_lr ({self.inner_lr:g}): the "
+                             "sampled range is [inner_lr, inner_lr_max]")
+        return self
 
     @model_validator(mode="after")
     def _checkpointing_needs_first_order_graphs(self) -> "ImmunizeSection":
