@@ -59,6 +59,8 @@ def attack_cmd(
 
     quiet_model_loading()
     rd = runs_dir(ctx)
+    if steps is not None:  # first, so that --set eval.steps=[...] is checked against these steps
+        set_ = [f"attack.steps={steps}", *(set_ or [])]
     try:
         if profile is not None:
             p = load_profile_for(ctx, profile, set_)

@@ -244,3 +244,17 @@ def test_save_weights_never_leaves_the_cached_twin_without_weights(built, tmp_pa
                    "--no-eval")
     assert again.exit_code == 0, again.output
     assert f"twin {twin['id']} (cached)" in again.output and "kept no weights" not in again.output
+
+
+def test_steps_option_counts_before_the_profile_is_checked(built, tmp_path):
+    """``--steps N`` with ``--set eval.steps=[N]`` beyond the profile's attack steps: the evaluation step is checked
+    against N, not refused against the profile's steps."""
+    runs = copy_runs(built, tmp_path)
+    res = invoke("--runs-dir", runs, "attack", "--run", built["mima"], "--steps", "4", "--set", "attack.eval_every=4",
+                 "--set", "eval.steps=[4]")
+    assert res.exit_code == 0, res.output
+    new = [r for r in attack_runs(runs) if r["id"] not in {x["id"] for x in attack_runs(built["runs"])}]
+    assert new
+    for r in new:
+        msgr = [e["step"] for e in RunReader(r["dir"]).events("metric") if e["name"] == "msgr/judge"]
+        assert msgr == [] if not r["extra"]["immunized"] else msgr == [0, 4]
