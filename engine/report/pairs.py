@@ -40,6 +40,15 @@ def _order(items: Iterable[str], first: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------- pairs
 
 
+def _sides_mean(per: dict, concepts: list[str], step: int | None) -> tuple[float | None, float | None]:
+    """(x^T, x^A) means of ``per[side][step][concept]`` over ``concepts``; None where one is missing."""
+    out = []
+    for side in ("T", "A"):
+        values = [per.get(side, {}).get(step, {}).get(c) for c in concepts]
+        out.append(sum(values) / len(values) if values and all(_finite(v) for v in values) else None)
+    return out[0], out[1]
+
+
 @dataclass
 class PairSummary:
     """Everything the report needs of one attack pair (the immunized attack run and its unimmunized twin)."""
@@ -85,20 +94,11 @@ class PairSummary:
 
     def learnability(self, metric: str, step: int | None) -> tuple[float | None, float | None]:
         """Mean ``metric`` accuracy over the other concepts at ``step``: (immunized model x^T, unimmunized twin x^A)."""
-        per = self.other_sims.get(metric, {})
-        out = []
-        for side in ("T", "A"):
-            values = [per.get(side, {}).get(step, {}).get(c) for c in self.others]
-            out.append(sum(values) / len(values) if values and all(_finite(v) for v in values) else None)
-        return out[0], out[1]
+        return _sides_mean(self.other_sims.get(metric, {}), self.others, step)
 
     def attacked_targets(self, metric: str, step: int | None) -> tuple[float | None, float | None]:
         """Mean ``metric`` accuracy over the targets after the attack at ``step``: (immunized model x^T, twin x^A)."""
-        out = []
-        for side in ("T", "A"):
-            values = [self.sims.get(metric, {}).get(side, {}).get(step, {}).get(c) for c in self.targets]
-            out.append(sum(values) / len(values) if values and all(_finite(v) for v in values) else None)
-        return out[0], out[1]
+        return _sides_mean(self.sims.get(metric, {}), self.targets, step)
 
     def curve(self, metric: str, side: str) -> dict[int, float]:
         """Mean over the targets of ``sims[metric][side]`` at every step where all targets have a value."""
