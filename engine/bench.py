@@ -109,9 +109,10 @@ def _step_sets(unet):
     return sched, names, upper, kv
 
 
-def mima_step(unet, text: tuple[int, int], n: int, mode: str, inner_lr: float = 1e-5):
+def mima_step(unet, text: tuple[int, int], n: int, mode: str, inner_lr: float = 1e-5, **switches):
     """A :class:`~engine.immunize.core.BiLevel` for ``n`` random concepts (6 merge rows each, 200 regularisation
-    rows, ridge 1e-2) and their synthetic tasks, on ``unet``'s device."""
+    rows, ridge 1e-2) and their synthetic tasks, on ``unet``'s device; ``switches``: BiLevel's ``checkpointing`` and
+    ``autocast``."""
     from .editing import merge_projector
     from .immunize.core import BiLevel, make_merge_fn
 
@@ -120,7 +121,7 @@ def mima_step(unet, text: tuple[int, int], n: int, mode: str, inner_lr: float = 
     g = torch.Generator().manual_seed(1)
     proj = merge_projector([torch.randn(6, text[1], generator=g).to(dev) for _ in range(n)],
                            torch.randn(200, text[1], generator=g).to(dev), ridge=1e-2)
-    core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv))
+    core = BiLevel(unet, sched, names, upper, inner_lr, 1.0, mode, 1e-3, make_merge_fn(proj, kv), **switches)
     return core, synthetic_tasks(n, unet, text, dev, seed=n)
 
 
@@ -258,13 +259,16 @@ MODEL_COMPONENTS = ("params", "optimizer", "copies", "kv copies", "gradients", "
 
 
 def memory(arch: str = "sd1", ns=(1, 2, 3), modes=("exact", "fd", "first-order"), latent: int = 8,
-           inner_lr: float = 1e-5, emit=lambda row: None) -> list[dict]:
+           inner_lr: float = 1e-5, emit=lambda row: None, checkpointing: bool = False, adam: str = "auto",
+           autocast: bool = False) -> list[dict]:
     """Bytes held by one mima step (meta-gradient, then AdamW on ``S^u``) by component (:mod:`engine.memory`), for
     each mode and N: float32 on the CPU, random weights, ``latent`` x ``latent`` latents. One row per step, bytes:
     ``params`` and ``kv`` (held before the step), ``peak`` (parameters + the most the step's tensors held at once),
-    each component's own maximum during the step, and ``at_peak`` (the components at the peak)."""
+    each component's own maximum during the step, and ``at_peak`` (the components at the peak). The switches are the
+    profile's ``[immunize]`` ones: ``gradient_checkpointing``, ``adam`` and ``autocast = "bfloat16"``."""
     from diffusers.models.attention_processor import AttnProcessor
 
+    from .immunize.core import ADAM_IMPLEMENTATIONS
     from .memory import COMPONENTS, MemoryTracker, storage_bytes
 
     torch.manual_seed(0)
@@ -278,11 +282,14 @@ def memory(arch: str = "sd1", ns=(1, 2, 3), modes=("exact", "fd", "first-order")
         if mode == "exact":
             unet.set_attn_processor(AttnProcessor())
         for n in ns:
-            core, tasks = mima_step(unet, text, n, mode, inner_lr)
-            opt = torch.optim.AdamW([params[k] for k in upper], lr=1e-6, maximize=True)
+            core, tasks = mima_step(unet, text, n, mode, inner_lr, checkpointing=checkpointing and mode != "exact",
+                                    autocast=torch.bfloat16 if autocast else None)
+            opt = torch.optim.AdamW([params[k] for k in upper], lr=1e-6, maximize=True, **ADAM_IMPLEMENTATIONS[adam])
             with MemoryTracker(params.items(), kv) as mem:
                 upper_step(core, tasks, opt, tracker=mem)
-            row = {"name": "memory", "arch": arch, "mode": mode, "n": n, "latent": latent, "dtype": "fp32", **held,
+            row = {"name": "memory", "arch": arch, "mode": mode, "n": n, "latent": latent, "dtype": "fp32",
+                   "autocast": "bf16" if autocast else "off", "checkpointing": checkpointing and mode != "exact",
+                   "adam": adam, **held,
                    "peak": held["params"] + mem.peak, **{k: mem.most[k] for k in COMPONENTS},
                    "at_peak": mem.at_peak}
             rows.append(row)
@@ -301,12 +308,17 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
     temporaries (forward and backward intermediates) times the latent area ratio and halved for bf16, all of them,
     also those that do not grow with the latents (the text's keys and values). Area, not its square, holds where
     attention does not store its score matrix (SDPA's flash and memory-efficient kernels); ``exact`` runs the classic
-    processor, whose scores grow with the square of the area, so it is not predicted."""
+    processor, whose scores grow with the square of the area, so it is not predicted; nor are rows measured under
+    autocast (their saved bf16 casts of the weights do not grow with the latents, their activations do). Rows are
+    fitted per mode and switches (``checkpointing``, ``adam``, ``autocast``)."""
     import numpy as np
 
+    def key(r):
+        return r["mode"], r.get("checkpointing", False), r.get("adam", "auto"), r.get("autocast", "off")
+
     out = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        rs = [r for r in rows if r["mode"] == mode]
+    for mode, checkpointing, adam, autocast in dict.fromkeys(key(r) for r in rows):
+        rs = [r for r in rows if key(r) == (mode, checkpointing, adam, autocast)]
         ns_m = [r["n"] for r in rs]
         if len(set(ns_m)) < 2:
             continue
@@ -323,12 +335,14 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
             held = at("params", n) + at("optimizer", n) + at("parameter-shaped", n)
             return (held + 0.5 * rs[0]["params"] + 0.5 * area * (at("activations", n) + at("other", n))) / 2**30
 
-        out.append({"name": "memory-model", "arch": rs[0]["arch"], "mode": mode, "measured_n": ns_m,
+        out.append({"name": "memory-model", "arch": rs[0]["arch"], "mode": mode, "checkpointing": checkpointing,
+                    "adam": adam, "measured_autocast": autocast, "measured_n": ns_m,
                     "measured_latent": rs[0]["latent"], "kv": rs[0]["kv"],
                     "constant": {k: round(c) for k, (c, _) in fit.items()},
                     "per_concept": {k: round(p) for k, (_, p) in fit.items()},
                     "latent": latent, "autocast": "bf16",
-                    "predicted_gib": {n: None if mode == "exact" else round(predict(n), 1) for n in ns}})
+                    "predicted_gib": {n: None if mode == "exact" or autocast != "off" else round(predict(n), 1)
+                                      for n in ns}})
     return out
 
 
@@ -344,6 +358,12 @@ def main(argv=None) -> int:
                     help="only the cosine of fd (bf16) and exact (fp32) meta-gradients at the first --n")
     ap.add_argument("--memory", action="store_true",
                     help="bytes held by component (float32 on the CPU) for each --n and mode, then the fitted model")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="--memory: with gradient checkpointing ([immunize] gradient_checkpointing; not exact)")
+    ap.add_argument("--adam", choices=("auto", "foreach", "fused", "for-loop"), default="auto",
+                    help="--memory: the upper AdamW's implementation ([immunize] adam)")
+    ap.add_argument("--autocast", action="store_true",
+                    help="--memory: the passes under bf16 autocast ([immunize] autocast = \"bfloat16\")")
     ap.add_argument("--latent", type=int, default=None,
                     help="latent size of the --agreement check and of --memory (default 8)")
     args = ap.parse_args(argv)
@@ -355,7 +375,8 @@ def main(argv=None) -> int:
     if args.agreement:
         emit(agreement(args.arch, args.device, args.n[0], args.latent))
     elif args.memory:
-        for row in memory_model(memory(args.arch, args.n, args.modes, args.latent or 8, emit=emit)):
+        for row in memory_model(memory(args.arch, args.n, args.modes, args.latent or 8, emit=emit,
+                                       checkpointing=args.checkpointing, adam=args.adam, autocast=args.autocast)):
             emit(row)
     else:
         run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup, emit=emit)

@@ -84,3 +84,23 @@ def test_memory_rows_and_their_model():
         for k in MODEL_COMPONENTS:
             assert abs(model["constant"][k] + model["per_concept"][k] * r["n"] - r[k]) <= 2
     assert model["predicted_gib"][3] * 2**30 > rows[1]["peak"]
+
+
+def test_memory_switches_change_what_the_step_holds():
+    """``--checkpointing`` keeps far fewer activations for the same step; ``--autocast`` saves bf16 activations
+    (the fp32 model is not scaled to them: no prediction); the model fits each switch setting apart."""
+    from engine.bench import memory, memory_model
+
+    plain = memory("testbed", ns=(1, 2), modes=("fd",), latent=16)
+    ckpt = memory("testbed", ns=(1, 2), modes=("fd",), latent=16, checkpointing=True, adam="for-loop")
+    mixed = memory("testbed", ns=(1,), modes=("fd",), latent=16, autocast=True)
+    assert all(r["checkpointing"] and r["adam"] == "for-loop" for r in ckpt)
+    for a, b in zip(plain, ckpt):
+        assert b["activations"] < 0.5 * a["activations"], (a["activations"], b["activations"])
+        assert b["parameter-shaped"] <= 1.02 * a["parameter-shaped"]  # no more weight copies
+    assert mixed[0]["autocast"] == "bf16" and mixed[0]["activations"] != plain[0]["activations"]
+    models = memory_model(plain + ckpt + mixed)
+    assert [m["checkpointing"] for m in models] == [False, True]  # the one autocast row fits no line
+    assert models[1]["predicted_gib"][3] < models[0]["predicted_gib"][3]
+    (m,) = memory_model(memory("testbed", ns=(1, 2), modes=("first-order",), latent=8, autocast=True))
+    assert m["measured_autocast"] == "bf16" and m["predicted_gib"] == {3: None, 10: None}

@@ -230,6 +230,28 @@ def test_memory_switches_give_the_same_weights(tmp_path, tiny_profile, tiny_pipe
     assert any(not torch.equal(v, start[k]) for k, v in weights[0].items())  # the steps moved the weights
 
 
+def test_autocast_keeps_float32_weights_that_move_as_the_float32_run_does(tmp_path, tiny_profile, tiny_pipeline_dir):
+    """``[immunize] autocast = "bfloat16"``: the kept weights are float32 (the master weights), not those of the
+    float32 run bit for bit (the passes ran in bf16), and two outer steps move them the same way."""
+    from engine.immunize.runner import immunize
+    from engine.models import load_pipeline
+    from engine.profile import load_profile
+
+    base = ["immunize.steps=2", "immunize.checkpoint_every=2", "immunize.sample_every=0", "utility.enabled=false"]
+    moved = []
+    start = dict(load_pipeline(tiny_pipeline_dir).unet.named_parameters())
+    for extra in ([], ["immunize.autocast=\"bfloat16\""]):
+        runs = tmp_path / f"runs{len(moved)}"
+        immunize(load_profile(tiny_profile, base + extra), runs_dir=runs, group="g2", parent=str(tiny_pipeline_dir))
+        (imm,) = _runs(runs, "immunize")
+        (tensors,) = _checkpoint_tensors(runs / imm["id"])
+        assert {v.dtype for v in tensors.values()} == {torch.float32}
+        moved.append(torch.cat([(v - start[k].detach()).flatten() for k, v in sorted(tensors.items())]))
+    full, mixed = moved
+    assert not torch.equal(full, mixed) and full.norm() > 0
+    assert float(torch.nn.functional.cosine_similarity(full, mixed, dim=0)) > 0.9
+
+
 def test_gradient_checkpointing_with_the_exact_gradient_names_the_field(tiny_profile):
     from engine.profile import ProfileError, load_profile
 

@@ -330,3 +330,28 @@ def test_gradient_checkpointing_is_refused_with_the_exact_gradient():
     unet, lower, upper, *_ = problem(1)
     with pytest.raises(ValueError, match="checkpointing"):
         BiLevel(unet, scheduler(), lower, upper, ALPHA, W_PRIOR, "exact", checkpointing=True)
+
+
+@pytest.mark.parametrize("mode", ["fd", "first-order"])
+def test_autocast_runs_the_unet_in_bfloat16_and_keeps_the_meta_gradient(mode):
+    """``autocast = bfloat16``: the UNet's matmuls run in bf16 (a hook sees bf16 outputs), the meta-gradient stays
+    fp32 and points where the fp32 one does (mixed precision rounds it, so it is not the fp32 one bit for bit)."""
+    out = {}
+    for autocast in (None, torch.bfloat16):
+        unet, lower, upper, kv, rows, reg, tasks = problem(2)
+        unet = unet.float()
+        tasks = [Task(t.name, *(Batch(b.latents.float(), b.context.float(), b.noise.float(), b.timesteps,
+                                      n_instance=b.n_instance) for b in (t.lower, t.upper))) for t in tasks]
+        seen = set()
+        hook = unet.conv_in.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        core = BiLevel(unet, scheduler(), lower, upper, 1e-2, W_PRIOR, mode, 1e-2,
+                       make_merge_fn(merge_projector([r.float() for r in rows], reg.float(), ridge=0.01), kv),
+                       autocast=autocast)
+        grads, _ = core.meta_gradient(tasks)
+        hook.remove()
+        out[autocast] = torch.cat([grads[k].flatten() for k in upper]), seen, {g.dtype for g in grads.values()}
+    (g32, seen32, dt32), (g16, seen16, dt16) = out[None], out[torch.bfloat16]
+    assert seen32 == {torch.float32} and seen16 == {torch.bfloat16}
+    assert dt32 == dt16 == {torch.float32}
+    cos = float(torch.nn.functional.cosine_similarity(g16, g32, dim=0))
+    assert cos > 0.99 and _rel(g16, g32) > 1e-4, (cos, _rel(g16, g32))

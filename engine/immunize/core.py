@@ -39,6 +39,9 @@ from .distributed import Split
 
 GRADIENT_MODES = ("exact", "fd", "first-order")
 FD_SCHEMES = ("central", "forward")
+ADAM_IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
+                        "for-loop": {"foreach": False}}
+"""``[immunize] adam``: the ``torch.optim.AdamW`` keywords of each implementation (the upper level's optimiser)."""
 
 
 @dataclass
@@ -149,7 +152,7 @@ class BiLevel:
                  merge_fn: Callable[[dict, list[dict]], tuple[dict, float]] | None = None,
                  anchor: dict[str, torch.Tensor] | None = None, fd_scheme: str = "central",
                  preserve: Preserve | None = None, ascent: str = "loss", ascent_cap: float = 1.0,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, autocast: torch.dtype | None = None):
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {', '.join(GRADIENT_MODES)}")
         if fd_scheme not in FD_SCHEMES:
@@ -165,6 +168,7 @@ class BiLevel:
             raise ValueError("gradient checkpointing needs the fd or first-order gradient (exact differentiates the "
                              "backward pass)")
         self.checkpointing = checkpointing
+        self.autocast = autocast
         ascended(torch.ones(()), ascent, ascent_cap)  # an unknown ascent fails here, not at the first step
 
     # -------------------------------------------------------------------------------------------- losses
@@ -184,16 +188,19 @@ class BiLevel:
     def _unet(self, overrides: dict, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction with ``overrides`` in place of its parameters. With checkpointing the whole
         call is recomputed in the backward pass from its inputs, the overrides among them (a block-wise
-        ``enable_gradient_checkpointing`` would recompute with the module's own weights, not the overrides)."""
-        if not (self.checkpointing and torch.is_grad_enabled()):
-            return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
-        names = list(overrides)
+        ``enable_gradient_checkpointing`` would recompute with the module's own weights, not the overrides). With
+        ``autocast`` (a dtype) the call runs under :func:`torch.autocast`: the weights and their gradients stay in
+        their own (fp32) dtype, the matmuls and convolutions run in ``autocast``; the losses, merge and update do not."""
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            if not (self.checkpointing and torch.is_grad_enabled()):
+                return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
+            names = list(overrides)
 
-        def run(x, t, c, *values):
-            return functional_call(self.unet, dict(zip(names, values)), (x, t), {"encoder_hidden_states": c},
-                                   strict=False).sample
+            def run(x, t, c, *values):
+                return functional_call(self.unet, dict(zip(names, values)), (x, t), {"encoder_hidden_states": c},
+                                       strict=False).sample
 
-        return checkpoint(run, x, t, c, *overrides.values(), use_reentrant=False)
+            return checkpoint(run, x, t, c, *overrides.values(), use_reentrant=False)
 
     def _call(self, overrides: dict, batch: Batch) -> torch.Tensor:
         xt = self.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)

@@ -22,11 +22,11 @@ import torch
 from ..image_sets import check_image_sets, load_image_set, profile_image_sets
 from ..diffusion import concept_rows, seeded_generator, encode_images, encode_prompts, prompts_rows, training_scheduler
 from ..editing import discriminative_basis, merge_projector
-from ..models import kv_layer_names, param_names
+from ..models import kv_layer_names, param_names, pick_dtype
 from ..profile import Concept, Profile
 from . import MethodSpec, get_method
 from .checkpoints import checkpoint_step, load_checkpoint, save_checkpoint
-from .core import Batch, BiLevel, Preserve, StepStats, Subspace, Task, make_merge_fn
+from .core import ADAM_IMPLEMENTATIONS, Batch, BiLevel, Preserve, StepStats, Subspace, Task, make_merge_fn
 from .distributed import Split, current_split, process_device
 from .errors import ImmunizationError, ImmunizationInterrupted, ImmunizationUsageError, NonFiniteCheckpoint
 
@@ -188,7 +188,8 @@ def prepare(pipe, profile: Profile, spec: MethodSpec, targets: list[Concept], ot
         subspace = Subspace(basis, {k: params[k].detach().clone() for k in names})
     keep = keep if s.preserve_weight > 0 else None
     bilevel = BiLevel(unet, training_scheduler(pipe), lower, upper, s.inner_lr, s.prior_weight, gradient, s.fd_eps,
-                      merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap, s.gradient_checkpointing)
+                      merge_fn, anchor, s.fd_scheme, preserve, s.ascent, s.ascent_cap, s.gradient_checkpointing,
+                      None if s.autocast == "off" else pick_dtype(s.autocast))
     return Setup(spec, pipe, concepts, samples, lower, upper, bilevel, projector, kv, keep=keep, subspace=subspace)
 
 
@@ -305,9 +306,8 @@ def run_loop(setup: Setup, profile: Profile, logger, run_dir: Path, start_step: 
 def make_optimizer(setup: Setup, profile: Profile):
     params = dict(setup.pipe.unet.named_parameters())
     s = profile.immunize
-    impl = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[s.adam]
     return torch.optim.AdamW([params[k] for k in setup.upper], lr=s.outer_lr, weight_decay=s.weight_decay,
-                             maximize=True, **impl)
+                             maximize=True, **ADAM_IMPLEMENTATIONS[s.adam])
 
 
 class _DeferredInterrupt:
@@ -355,7 +355,7 @@ def immunize(profile: Profile | None, *, runs_dir: str | Path, group: str | None
     erase run of this profile and group when ``[erase] method = "uce"`` (one is made first if there is none), else
     ``[model] base``. ``resume``: the id of an interrupted run to continue from its last checkpoint.
     """
-    from ..models import load_pipeline, model_hash, pick_device, pick_dtype, save_model
+    from ..models import load_pipeline, model_hash, pick_device, save_model
     from ..runs import RunWriter, find_run, read_status
 
     runs_dir = Path(runs_dir)

@@ -150,6 +150,11 @@ class ImmunizeSection(_Strict):
     gradient_checkpointing: bool = False
     """Recompute each UNet forward in the backward pass instead of keeping its activations: less memory for one more
     forward per backward. ``fd`` and ``first-order`` only (``exact`` needs the activations for its double backward)."""
+    autocast: Literal["off", "bfloat16"] = "off"
+    """Run the UNet's forward and backward passes of every outer step under :func:`torch.autocast` in this dtype
+    (mixed precision): the weights, gradients and AdamW state stay in ``[model] dtype`` (float32: the master weights);
+    the merge, losses and updates run in it too. Less activation memory and faster matmuls on a GPU; it also runs
+    on the CPU. (No float16: without loss scaling its gradients underflow.)"""
     merge: MergeSettings = Field(default_factory=MergeSettings)
     weight_decay: float = Field(default=0.0, ge=0.0)
     adam: Literal["auto", "foreach", "fused", "for-loop"] = "auto"
