@@ -104,3 +104,15 @@ def test_memory_switches_change_what_the_step_holds():
     assert models[1]["predicted_gib"][3] < models[0]["predicted_gib"][3]
     (m,) = memory_model(memory("testbed", ns=(1, 2), modes=("first-order",), latent=8, autocast=True))
     assert m["measured_autocast"] == "bf16" and m["predicted_gib"] == {3: None, 10: None}
+
+
+def test_bench_cli_memory_table_and_bad_adam():
+    res = CliRunner().invoke(app, ["bench", "--testbed", "--memory", "--n", "1", "--n", "2", "--mode", "first-order",
+                                   "--checkpointing"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["memory", "memory", "memory-model"]
+    assert all(r["checkpointing"] for r in rows)
+    assert "predicted at 64x64 in bf16: N = 3:" in res.output
+    res = CliRunner().invoke(app, ["bench", "--testbed", "--memory", "--adam", "fast"])
+    assert res.exit_code == 2 and "--adam" in res.output and "fused" in res.output
