@@ -140,6 +140,20 @@ def ascended(loss: torch.Tensor, how: str = "loss", cap: float = 1.0) -> torch.T
     raise ValueError(f"unknown ascent {how!r}; expected loss, log or capped")
 
 
+def checkpoint_with_overrides(module, *args):
+    """diffusers' block-wise gradient checkpointing hook (``enable_gradient_checkpointing``) that recomputes each
+    ResNet or transformer block in the backward pass with the tensors standing in for its parameters when it ran:
+    inside ``functional_call``, the overrides (the adapted, merged or perturbed weights), not the module's own. They
+    are inputs of the checkpoint, so their gradients flow. diffusers' default hook would recompute with the module's
+    own weights once ``functional_call`` has put them back."""
+    names, values = zip(*module.named_parameters())
+
+    def run(*inputs):
+        return functional_call(module, dict(zip(names, inputs[len(args):])), inputs[: len(args)])
+
+    return checkpoint(run, *args, *values, use_reentrant=False)
+
+
 class BiLevel:
     """The meta-gradient of one outer step for a UNet, parameter sets and a merge.
 
@@ -168,6 +182,10 @@ class BiLevel:
             raise ValueError("gradient checkpointing needs the fd or first-order gradient (exact differentiates the "
                              "backward pass)")
         self.checkpointing = checkpointing
+        if checkpointing:  # the UNet's own switch, set both ways: one UNet may serve several steps in turn
+            unet.enable_gradient_checkpointing(checkpoint_with_overrides)
+        elif getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
         self.autocast = autocast
         ascended(torch.ones(()), ascent, ascent_cap)  # an unknown ascent fails here, not at the first step
 
@@ -186,21 +204,12 @@ class BiLevel:
         return inst, prior
 
     def _unet(self, overrides: dict, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction with ``overrides`` in place of its parameters. With checkpointing the whole
-        call is recomputed in the backward pass from its inputs, the overrides among them (a block-wise
-        ``enable_gradient_checkpointing`` would recompute with the module's own weights, not the overrides). With
-        ``autocast`` (a dtype) the call runs under :func:`torch.autocast`: the weights and their gradients stay in
-        their own (fp32) dtype, the matmuls and convolutions run in ``autocast``; the losses, merge and update do not."""
+        """The UNet's noise prediction with ``overrides`` in place of its parameters (block-wise gradient
+        checkpointing, when on, is the UNet's own: :func:`checkpoint_with_overrides`). With ``autocast`` (a dtype)
+        the call runs under :func:`torch.autocast`: the weights and their gradients stay in their own (fp32) dtype,
+        the matmuls and convolutions run in ``autocast``; the losses, merge and update do not."""
         with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            if not (self.checkpointing and torch.is_grad_enabled()):
-                return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
-            names = list(overrides)
-
-            def run(x, t, c, *values):
-                return functional_call(self.unet, dict(zip(names, values)), (x, t), {"encoder_hidden_states": c},
-                                       strict=False).sample
-
-            return checkpoint(run, x, t, c, *overrides.values(), use_reentrant=False)
+            return functional_call(self.unet, overrides, (x, t), {"encoder_hidden_states": c}, strict=False).sample
 
     def _call(self, overrides: dict, batch: Batch) -> torch.Tensor:
         xt = self.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)

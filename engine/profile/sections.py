@@ -148,8 +148,9 @@ class ImmunizeSection(_Strict):
     """``central``: two extra passes per concept, error O(eps^2); ``forward``: one, error O(eps) (the gradient at
     theta comes with the inner step's backward pass)."""
     gradient_checkpointing: bool = False
-    """Recompute each UNet forward in the backward pass instead of keeping its activations: less memory for one more
-    forward per backward. ``fd`` and ``first-order`` only (``exact`` needs the activations for its double backward)."""
+    """Recompute each ResNet and transformer block of the UNet in the backward pass instead of keeping its
+    activations (block-wise, as diffusers' ``enable_gradient_checkpointing``): less memory for one more forward per
+    backward. ``fd`` and ``first-order`` only (``exact`` needs the activations for its double backward)."""
     autocast: Literal["off", "bfloat16"] = "off"
     """Run the UNet's forward and backward passes of every outer step under :func:`torch.autocast` in this dtype
     (mixed precision): the weights, gradients and AdamW state stay in ``[model] dtype`` (float32: the master weights);
