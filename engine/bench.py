@@ -142,7 +142,9 @@ def upper_step(core, tasks, opt, alternating: bool = False, tracker=None) -> Non
 
 def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", "fd", "first-order"),
         repeats: int = 5, warmup: int = 2, autocast: bool | None = None, inner_lr: float = 1e-5,
-        emit=lambda row: None) -> list[dict]:
+        emit=lambda row: None, checkpointing: bool = False) -> list[dict]:
+    """One row per measured step (see the module's docstring); ``checkpointing``: the mima ``fd`` and
+    ``first-order`` steps with block-wise gradient checkpointing (the plain and alternating steps as they are)."""
     from diffusers.models.attention_processor import AttnProcessor
 
     from .immunize.core import BiLevel
@@ -165,7 +167,8 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
         try:
             with ctx():
                 seconds, peak = measure(fn, dev, repeats, warmup)
-            row = {**base, "name": name, "mode": mode, "n": n, "seconds": round(seconds, 4), "peak_gib": round(peak, 2)}
+            row = {**base, "name": name, "mode": mode, "n": n, "seconds": round(seconds, 4), "peak_gib": round(peak, 2),
+                   "checkpointing": checkpointing and name == "mima" and mode != "exact"}
         except torch.OutOfMemoryError:  # a row that does not fit is a result; the next ones may fit
             row = {**base, "name": name, "mode": mode, "n": n, "skipped": f"out of memory ({total_gib:.0f} GiB)"}
         rows.append(row)
@@ -191,13 +194,13 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
         p.grad = None
     up_opt = torch.optim.AdamW([dict(unet.named_parameters())[k] for k in upper], lr=1e-6, maximize=True)
 
-    def make(n, mode):
-        return mima_step(unet, text, n, mode, inner_lr)
+    def make(n, mode, switch=True):
+        return mima_step(unet, text, n, mode, inner_lr, checkpointing=switch and checkpointing and mode != "exact")
 
     def stepper(core, tasks, alternating=False):
         return lambda: upper_step(core, tasks, up_opt, alternating)
 
-    core, tasks = make(3, "first-order")
+    core, tasks = make(3, "first-order", switch=False)
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     record("alternating", "first-order", 3, stepper(core, tasks, alternating=True))
     unet.load_state_dict(state)
@@ -359,7 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true",
                     help="bytes held by component (float32 on the CPU) for each --n and mode, then the fitted model")
     ap.add_argument("--checkpointing", action="store_true",
-                    help="--memory: with gradient checkpointing ([immunize] gradient_checkpointing; not exact)")
+                    help="mima's fd and first-order steps with block-wise gradient checkpointing ([immunize] "
+                         "gradient_checkpointing)")
     ap.add_argument("--adam", choices=("auto", "foreach", "fused", "for-loop"), default="auto",
                     help="--memory: the upper AdamW's implementation ([immunize] adam)")
     ap.add_argument("--autocast", action="store_true",
@@ -379,7 +383,8 @@ def main(argv=None) -> int:
                                        checkpointing=args.checkpointing, adam=args.adam, autocast=args.autocast)):
             emit(row)
     else:
-        run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup, emit=emit)
+        run(args.arch, args.device, args.n, args.modes, args.repeats, args.warmup, emit=emit,
+            checkpointing=args.checkpointing)
     return 0
 
 

@@ -25,8 +25,8 @@ def bench_cmd(
     memory: bool = typer.Option(False, "--memory", help="Instead: the bytes one step holds by component (float32 "
                                 "on the CPU) for each --n and --mode, then the fitted memory model and its "
                                 "prediction at 64x64 latents in bf16."),
-    checkpointing: bool = typer.Option(False, "--checkpointing", help="--memory: with [immunize] "
-                                       "gradient_checkpointing (fd and first-order)."),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="mima's fd and first-order steps with "
+                                       "[immunize] gradient_checkpointing (block-wise)."),
     adam: str = typer.Option("auto", "--adam", help="--memory: [immunize] adam (auto, foreach, fused, for-loop)."),
     autocast: bool = typer.Option(False, "--autocast", help="--memory: with [immunize] autocast = \"bfloat16\"."),
 ) -> None:
@@ -53,7 +53,7 @@ def bench_cmd(
         typer.echo(json.dumps(check("testbed" if testbed else arch, dev, n[0], latent)))
         return
     rows = run("testbed" if testbed else arch, dev, tuple(n), tuple(modes), repeats,
-               emit=lambda row: typer.echo(json.dumps(row)))
+               emit=lambda row: typer.echo(json.dumps(row)), checkpointing=checkpointing)
     if as_json:
         return
     from rich.table import Table

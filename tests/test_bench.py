@@ -116,3 +116,11 @@ def test_bench_cli_memory_table_and_bad_adam():
     assert "predicted at 64x64 in bf16: N = 3:" in res.output
     res = CliRunner().invoke(app, ["bench", "--testbed", "--memory", "--adam", "fast"])
     assert res.exit_code == 2 and "--adam" in res.output and "fused" in res.output
+
+
+def test_bench_checkpointing_applies_to_the_mima_steps_only():
+    from engine.bench import run
+
+    rows = run("testbed", "cpu", ns=(2,), modes=("fd",), repeats=1, warmup=0, checkpointing=True)
+    assert [(r["name"], r["checkpointing"]) for r in rows] == [("plain", False), ("alternating", False),
+                                                               ("mima", True)]
