@@ -91,9 +91,9 @@ def test_memory_switches_change_what_the_step_holds():
     (the fp32 model is not scaled to them: no prediction); the model fits each switch setting apart."""
     from engine.bench import memory, memory_model
 
-    plain = memory("testbed", ns=(1, 2), modes=("fd",), latent=16)
-    ckpt = memory("testbed", ns=(1, 2), modes=("fd",), latent=16, checkpointing=True, adam="for-loop")
-    mixed = memory("testbed", ns=(1, 2), modes=("fd",), latent=16, autocast=True)
+    plain = memory("testbed", ns=(1, 2), modes=("fd",), latent=8)
+    ckpt = memory("testbed", ns=(1, 2), modes=("fd",), latent=8, checkpointing=True, adam="for-loop")
+    mixed = memory("testbed", ns=(1, 2), modes=("fd",), latent=8, autocast=True)
     assert all(r["checkpointing"] and r["adam"] == "for-loop" for r in ckpt)
     for a, b, c in zip(plain, ckpt, mixed):
         assert b["activations"] < 0.5 * a["activations"], (a["activations"], b["activations"])
