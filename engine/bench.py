@@ -168,7 +168,7 @@ def run(arch: str = "sd1", device: str = "cuda", ns=(2, 3, 10), modes=("exact", 
             with ctx():
                 seconds, peak = measure(fn, dev, repeats, warmup)
             row = {**base, "name": name, "mode": mode, "n": n, "seconds": round(seconds, 4), "peak_gib": round(peak, 2),
-                   "checkpointing": checkpointing and name == "mima" and mode != "exact"}
+                   "checkpointing": unet.is_gradient_checkpointing}  # as the measured step's BiLevel set it
         except torch.OutOfMemoryError:  # a row that does not fit is a result; the next ones may fit
             row = {**base, "name": name, "mode": mode, "n": n, "skipped": f"out of memory ({total_gib:.0f} GiB)"}
         rows.append(row)
@@ -291,7 +291,7 @@ def memory(arch: str = "sd1", ns=(1, 2, 3), modes=("exact", "fd", "first-order")
             with MemoryTracker(params.items(), kv) as mem:
                 upper_step(core, tasks, opt, tracker=mem)
             row = {"name": "memory", "arch": arch, "mode": mode, "n": n, "latent": latent, "dtype": "fp32",
-                   "autocast": "bf16" if autocast else "off", "checkpointing": checkpointing and mode != "exact",
+                   "autocast": "bf16" if autocast else "off", "checkpointing": core.checkpointing,
                    "adam": adam, **held,
                    "peak": held["params"] + mem.peak, **{k: mem.most[k] for k in COMPONENTS},
                    "at_peak": mem.at_peak}
@@ -317,7 +317,7 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
     import numpy as np
 
     def key(r):
-        return r["mode"], r.get("checkpointing", False), r.get("adam", "auto"), r.get("autocast", "off")
+        return r["mode"], r["checkpointing"], r["adam"], r["autocast"]
 
     out = []
     for mode, checkpointing, adam, autocast in dict.fromkeys(key(r) for r in rows):
@@ -350,6 +350,8 @@ def memory_model(rows: list[dict], latent: int = 64, ns=(3, 10)) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from .immunize.core import ADAM_IMPLEMENTATIONS
+
     ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=("sd1", "sd2", "testbed"), default="sd1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -364,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", action="store_true",
                     help="mima's fd and first-order steps with block-wise gradient checkpointing ([immunize] "
                          "gradient_checkpointing)")
-    ap.add_argument("--adam", choices=("auto", "foreach", "fused", "for-loop"), default="auto",
+    ap.add_argument("--adam", choices=tuple(ADAM_IMPLEMENTATIONS), default="auto",
                     help="--memory: the upper AdamW's implementation ([immunize] adam)")
     ap.add_argument("--autocast", action="store_true",
                     help="--memory: the passes under bf16 autocast ([immunize] autocast = \"bfloat16\")")
